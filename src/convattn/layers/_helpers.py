@@ -1,0 +1,197 @@
+"""Shared building blocks: channel rounding, activation resolution, N-d layer factories,
+input checks and the common base class of every attention module."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ActLayer",
+    "AttentionModule",
+    "batch_norm_nd",
+    "check_choice",
+    "check_positive_int",
+    "check_spatial_dims",
+    "conv_nd",
+    "create_act",
+    "eca_kernel_size",
+    "get_act_layer",
+    "make_divisible",
+    "reduced_channels",
+    "unsqueeze_spatial",
+]
+
+# An activation is given by name ("relu"), by class (nn.ReLU) or by a factory returning a module.
+ActLayer = Union[str, type[nn.Module], Callable[[], nn.Module]]
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "relu6": lambda: nn.ReLU6(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "gelu": nn.GELU,
+    "hard_swish": nn.Hardswish,
+    "sigmoid": nn.Sigmoid,
+    "hard_sigmoid": nn.Hardsigmoid,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def get_act_layer(act: ActLayer, *, owner: str = "convattn", option: str = "act_layer") -> Callable[[], nn.Module]:
+    """Resolve an activation given by name, class or factory to a zero-argument factory.
+
+    Names: ``relu, relu6, leaky_relu, silu (swish), gelu, hard_swish, sigmoid, hard_sigmoid,
+    tanh, identity``. ``owner`` and ``option`` name the module and option in error messages.
+    """
+    if isinstance(act, str):
+        key = act.lower().replace("-", "_")
+        if key not in _ACTIVATIONS:
+            raise ValueError(
+                f"{owner}: {option} must be one of {sorted(_ACTIVATIONS)} or an nn.Module "
+                f"class, got {act!r}"
+            )
+        return _ACTIVATIONS[key]
+    if isinstance(act, type) and issubclass(act, nn.Module):
+        return act
+    if callable(act):
+        return act
+    raise TypeError(
+        f"{owner}: {option} must be a name, an nn.Module class or a factory, "
+        f"got {type(act).__name__}"
+    )
+
+
+def create_act(act: ActLayer, *, owner: str = "convattn", option: str = "act_layer") -> nn.Module:
+    """Instantiate an activation given by name, class or factory."""
+    module = get_act_layer(act, owner=owner, option=option)()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{owner}: {option} factory must return an nn.Module, got {type(module).__name__}")
+    return module
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+    """Round ``v`` to the nearest multiple of ``divisor`` (at least ``min_value``), never going
+    below ``round_limit * v`` (the rounding used by MobileNet and timm)."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def reduced_channels(
+    channels: int,
+    rd_ratio: float,
+    rd_channels: int | None = None,
+    rd_divisor: int | None = None,
+    *,
+    min_channels: int = 1,
+    owner: str = "convattn",
+) -> int:
+    """Width of a reduction bottleneck.
+
+    ``rd_channels`` wins when given. Otherwise ``int(channels * rd_ratio)`` (floor, as the
+    official SE/CBAM/scSE code computes ``C // r``), or ``make_divisible`` with ``rd_divisor``
+    when that is set (timm's rounding). The result is at least ``min_channels``.
+    """
+    if rd_channels is not None:
+        check_positive_int(owner, "rd_channels", rd_channels)
+        return rd_channels
+    if not isinstance(rd_ratio, (int, float)) or isinstance(rd_ratio, bool) or not 0 < rd_ratio:
+        raise ValueError(f"{owner}: rd_ratio must be a positive number, got {rd_ratio!r}")
+    if rd_divisor is not None:
+        check_positive_int(owner, "rd_divisor", rd_divisor)
+        return max(min_channels, make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0))
+    return max(min_channels, int(channels * rd_ratio))
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
+    """ECA's adaptive kernel size, as the official code computes it:
+    ``t = int(|(log2(C) + b) / gamma|)``, then ``t`` if odd else ``t + 1``."""
+    t = int(abs((math.log2(channels) + beta) / gamma))
+    return t if t % 2 else t + 1
+
+
+def check_positive_int(owner: str, option: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {option} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{owner}: {option} must be a positive int, got {value}")
+    return value
+
+
+def check_choice(owner: str, option: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: {option} must be one of {list(choices)}, got {value!r}")
+
+
+def check_spatial_dims(owner: str, spatial_dims: object, supported: Sequence[int] = (1, 2, 3)) -> int:
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int):
+        raise TypeError(f"{owner}: spatial_dims must be an int, got {type(spatial_dims).__name__}")
+    if spatial_dims not in supported:
+        raise ValueError(
+            f"{owner}: spatial_dims must be one of {list(supported)} for this module, "
+            f"got {spatial_dims}"
+        )
+    return spatial_dims
+
+
+def conv_nd(spatial_dims: int) -> type[nn.Module]:
+    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``."""
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+
+
+def batch_norm_nd(spatial_dims: int) -> type[nn.Module]:
+    """``nn.BatchNorm1d``, ``nn.BatchNorm2d`` or ``nn.BatchNorm3d``."""
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial_dims - 1]
+
+
+def unsqueeze_spatial(weights: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """(N, C) -> (N, C, 1, ..., 1) with ``spatial_dims`` trailing singleton dims."""
+    for _ in range(spatial_dims):
+        weights = weights.unsqueeze(-1)
+    return weights
+
+
+_DIM_NAMES = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+
+
+class AttentionModule(nn.Module):
+    """Base class of convattn's attention modules.
+
+    Holds ``channels`` and ``spatial_dims`` and checks inputs against them, so that a wrong
+    input raises a ``ValueError`` naming the module, what it expected and what it got, instead
+    of a shape error from deep inside a layer.
+    """
+
+    channels: int
+    spatial_dims: int
+
+    def __init__(self, channels: int, spatial_dims: int = 2, supported_dims: Sequence[int] = (1, 2, 3)) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.channels = check_positive_int(owner, "channels", channels)
+        self.spatial_dims = check_spatial_dims(owner, spatial_dims, supported_dims)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected a {self.spatial_dims + 2}-D input "
+                f"{_DIM_NAMES[self.spatial_dims]} (spatial_dims={self.spatial_dims}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"{type(self).__name__}: expected {self.channels} channels in dim 1, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, spatial_dims={self.spatial_dims}"
