@@ -145,7 +145,9 @@ def register(
     if kind not in KINDS:
         raise ValueError(f"register({name!r}): kind must be one of {list(KINDS)}, got {kind!r}")
     if contract not in CONTRACTS:
-        raise ValueError(f"register({name!r}): contract must be one of {list(CONTRACTS)}, got {contract!r}")
+        raise ValueError(
+            f"register({name!r}): contract must be one of {list(CONTRACTS)}, got {contract!r}"
+        )
     if name != name.lower() or not name:
         raise ValueError(f"register({name!r}): registry keys are non-empty and lower-case")
 
@@ -203,8 +205,10 @@ def _lookup(name: str) -> AttentionSpec:
     if key not in _REGISTRY:
         known = sorted([*_REGISTRY, *_ALIASES])
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"Unknown attention {name!r}{hint} Registered: {', '.join(sorted(_REGISTRY))}")
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"Unknown attention {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}"
+        )
     return _REGISTRY[key]
 
 
@@ -219,7 +223,9 @@ def create(name: str, channels: int, **options: Any) -> nn.Module:
     valid = spec.options
     for key in options:
         if key in spec.presets:
-            raise TypeError(f"create({spec.name!r}): option {key!r} is fixed to {spec.presets[key]!r} by this entry")
+            raise TypeError(
+                f"create({spec.name!r}): option {key!r} is fixed to {spec.presets[key]!r} by this entry"
+            )
         if key not in valid:
             raise TypeError(
                 f"create({spec.name!r}): unknown option {key!r} for {spec.cls.__name__}; "
@@ -274,5 +280,7 @@ def markdown_table(channels: int = 256) -> str:
     ]
     for row in table_rows(channels):
         paper = f"[{row['paper']}]({row['link']})" if row["link"] else row["paper"]
-        lines.append(f"| `{row['name']}` | {row['kind']} | {paper} | {row['year']} | {row['params']:,} |")
+        lines.append(
+            f"| `{row['name']}` | {row['kind']} | {paper} | {row['year']} | {row['params']:,} |"
+        )
     return "\n".join(lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import nn
@@ -27,7 +26,7 @@ __all__ = [
 ]
 
 # An activation is given by name ("relu"), by class (nn.ReLU) or by a factory returning a module.
-ActLayer = Union[str, type[nn.Module], Callable[[], nn.Module]]
+ActLayer = str | type[nn.Module] | Callable[[], nn.Module]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),
@@ -44,7 +43,9 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def get_act_layer(act: ActLayer, *, owner: str = "convattn", option: str = "act_layer") -> Callable[[], nn.Module]:
+def get_act_layer(
+    act: ActLayer, *, owner: str = "convattn", option: str = "act_layer"
+) -> Callable[[], nn.Module]:
     """Resolve an activation given by name, class or factory to a zero-argument factory.
 
     Names: ``relu, relu6, leaky_relu, silu (swish), gelu, hard_swish, sigmoid, hard_sigmoid,
@@ -58,8 +59,8 @@ def get_act_layer(act: ActLayer, *, owner: str = "convattn", option: str = "act_
                 f"class, got {act!r}"
             )
         return _ACTIVATIONS[key]
-    if isinstance(act, type) and issubclass(act, nn.Module):
-        return act
+    if isinstance(act, type) and not issubclass(act, nn.Module):
+        raise TypeError(f"{owner}: {option} class must be an nn.Module subclass, got {act.__name__}")
     if callable(act):
         return act
     raise TypeError(
@@ -72,11 +73,15 @@ def create_act(act: ActLayer, *, owner: str = "convattn", option: str = "act_lay
     """Instantiate an activation given by name, class or factory."""
     module = get_act_layer(act, owner=owner, option=option)()
     if not isinstance(module, nn.Module):
-        raise TypeError(f"{owner}: {option} factory must return an nn.Module, got {type(module).__name__}")
+        raise TypeError(
+            f"{owner}: {option} factory must return an nn.Module, got {type(module).__name__}"
+        )
     return module
 
 
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+def make_divisible(
+    v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9
+) -> int:
     """Round ``v`` to the nearest multiple of ``divisor`` (at least ``min_value``), never going
     below ``round_limit * v`` (the rounding used by MobileNet and timm)."""
     min_value = min_value or divisor
@@ -104,7 +109,7 @@ def reduced_channels(
     if rd_channels is not None:
         check_positive_int(owner, "rd_channels", rd_channels)
         return rd_channels
-    if not isinstance(rd_ratio, (int, float)) or isinstance(rd_ratio, bool) or not 0 < rd_ratio:
+    if not isinstance(rd_ratio, (int, float)) or isinstance(rd_ratio, bool) or not rd_ratio > 0:
         raise ValueError(f"{owner}: rd_ratio must be a positive number, got {rd_ratio!r}")
     if rd_divisor is not None:
         check_positive_int(owner, "rd_divisor", rd_divisor)
@@ -132,7 +137,9 @@ def check_choice(owner: str, option: str, value: object, choices: Sequence[objec
         raise ValueError(f"{owner}: {option} must be one of {list(choices)}, got {value!r}")
 
 
-def check_spatial_dims(owner: str, spatial_dims: object, supported: Sequence[int] = (1, 2, 3)) -> int:
+def check_spatial_dims(
+    owner: str, spatial_dims: object, supported: Sequence[int] = (1, 2, 3)
+) -> int:
     if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int):
         raise TypeError(f"{owner}: spatial_dims must be an int, got {type(spatial_dims).__name__}")
     if spatial_dims not in supported:
@@ -174,7 +181,9 @@ class AttentionModule(nn.Module):
     channels: int
     spatial_dims: int
 
-    def __init__(self, channels: int, spatial_dims: int = 2, supported_dims: Sequence[int] = (1, 2, 3)) -> None:
+    def __init__(
+        self, channels: int, spatial_dims: int = 2, supported_dims: Sequence[int] = (1, 2, 3)
+    ) -> None:
         super().__init__()
         owner = type(self).__name__
         self.channels = check_positive_int(owner, "channels", channels)

@@ -29,7 +29,9 @@ _PLACEMENT = "ResNet bottleneck/basic block: after the last BN (bn3), before the
     arxiv="1807.06521",
     placement=_PLACEMENT,
     summary="GAP and GMP -> shared MLP (C/r, biases) -> sum -> sigmoid -> multiply",
-    differences=("The official code builds the shared MLP from nn.Linear layers with bias; so does convattn.",),
+    differences=(
+        "The official code builds the shared MLP from nn.Linear layers with bias; so does convattn.",
+    ),
 )
 class CBAMChannelGate(ChannelAttention):
     """CBAM's channel attention ``Mc(F) = sigma(MLP(AvgPool(F)) + MLP(MaxPool(F)))`` (eq. 2).

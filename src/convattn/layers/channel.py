@@ -86,19 +86,30 @@ class ChannelAttention(AttentionModule):
         check_choice(owner, "pool", pool, POOLS)
         check_choice(owner, "excitation", excitation, EXCITATIONS)
         check_choice(owner, "gate_layer", gate_layer, GATES)
-        mlp_only = {"rd_ratio": rd_ratio, "rd_channels": rd_channels, "rd_divisor": rd_divisor, "act_layer": act_layer}
+        mlp_only = {
+            "rd_ratio": rd_ratio,
+            "rd_channels": rd_channels,
+            "rd_divisor": rd_divisor,
+            "act_layer": act_layer,
+        }
         conv_only = {"kernel_size": kernel_size, "gamma": gamma, "beta": beta}
         unused = mlp_only if excitation == "conv1d" else conv_only
         given = [k for k, v in unused.items() if v is not None]
         if given:
-            raise ValueError(f"{owner}: option(s) {given} do not apply to excitation={excitation!r}")
+            raise ValueError(
+                f"{owner}: option(s) {given} do not apply to excitation={excitation!r}"
+            )
         self.pool = pool
         self.excitation = excitation
 
         if excitation == "mlp":
             use_bias = True if bias is None else bias
             self.rd_channels = reduced_channels(
-                channels, 1 / 16 if rd_ratio is None else rd_ratio, rd_channels, rd_divisor, owner=owner
+                channels,
+                1 / 16 if rd_ratio is None else rd_ratio,
+                rd_channels,
+                rd_divisor,
+                owner=owner,
             )
             self.fc1 = nn.Linear(channels, self.rd_channels, bias=use_bias)
             self.act = create_act("relu" if act_layer is None else act_layer, owner=owner)
@@ -106,10 +117,14 @@ class ChannelAttention(AttentionModule):
         else:
             use_bias = False if bias is None else bias
             if kernel_size is None:
-                kernel_size = eca_kernel_size(channels, 2 if gamma is None else gamma, 1 if beta is None else beta)
+                kernel_size = eca_kernel_size(
+                    channels, 2 if gamma is None else gamma, 1 if beta is None else beta
+                )
             check_positive_int(owner, "kernel_size", kernel_size)
             if kernel_size % 2 == 0:
-                raise ValueError(f"{owner}: kernel_size must be odd to keep C outputs, got {kernel_size}")
+                raise ValueError(
+                    f"{owner}: kernel_size must be odd to keep C outputs, got {kernel_size}"
+                )
             self.kernel_size = kernel_size
             self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=use_bias)
         self.gate = nn.Sigmoid() if gate_layer == "sigmoid" else nn.Hardsigmoid()

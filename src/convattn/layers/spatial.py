@@ -66,11 +66,15 @@ class SpatialAttention(AttentionModule):
         check_choice(owner, "gate_layer", gate_layer, GATES)
         check_positive_int(owner, "kernel_size", kernel_size)
         if kernel_size % 2 == 0:
-            raise ValueError(f"{owner}: kernel_size must be odd to keep the map size, got {kernel_size}")
+            raise ValueError(
+                f"{owner}: kernel_size must be odd to keep the map size, got {kernel_size}"
+            )
         self.pool = pool
         self.kernel_size = kernel_size
         in_maps = 2 if pool == "both" else 1
-        self.conv = conv_nd(spatial_dims)(in_maps, 1, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.conv = conv_nd(spatial_dims)(
+            in_maps, 1, kernel_size, padding=kernel_size // 2, bias=bias
+        )
         self.bn = batch_norm_nd(spatial_dims)(1, eps=1e-5, momentum=0.01) if norm else None
         self.gate = torch.nn.Sigmoid() if gate_layer == "sigmoid" else torch.nn.Hardsigmoid()
 
