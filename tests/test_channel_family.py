@@ -156,7 +156,9 @@ def test_create_passes_options() -> None:
 def test_activation_option_errors_name_the_module() -> None:
     with pytest.raises(ValueError, match="SEModule: act_layer must be one of"):
         SEModule(32, act_layer="nope")
-    with pytest.raises(TypeError, match="SEModule: act_layer class must be an nn.Module subclass"):
+    with pytest.raises(
+        TypeError, match=r"SEModule: act_layer class must be an nn\.Module subclass"
+    ):
         SEModule(32, act_layer=int)  # type: ignore[arg-type]
     module = SEModule(32, act_layer=torch.nn.GELU)
     assert isinstance(module.act, torch.nn.GELU)

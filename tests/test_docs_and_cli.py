@@ -79,4 +79,5 @@ def test_demo_runs_every_module_on_a_photo(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "astronaut" in out
     for name in convattn.list_attention():
-        assert re.search(rf"^{re.escape(name)}\s+\(1, 128, 24, 24\)", out, re.M), name
+        shape = "(1, 128)" if convattn.info(name).contract == "pool" else "(1, 128, 24, 24)"
+        assert re.search(rf"^{re.escape(name)}\s+{re.escape(shape)}", out, re.M), name

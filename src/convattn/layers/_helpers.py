@@ -60,7 +60,9 @@ def get_act_layer(
             )
         return _ACTIVATIONS[key]
     if isinstance(act, type) and not issubclass(act, nn.Module):
-        raise TypeError(f"{owner}: {option} class must be an nn.Module subclass, got {act.__name__}")
+        raise TypeError(
+            f"{owner}: {option} class must be an nn.Module subclass, got {act.__name__}"
+        )
     if callable(act):
         return act
     raise TypeError(
