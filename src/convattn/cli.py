@@ -1,8 +1,15 @@
-"""The ``convattn`` command: ``list``, ``info`` and ``demo``."""
+"""The ``convattn`` command.
+
+``list``, ``info`` and ``demo`` live here; every other command lives in the module that does
+its work (``convattn.profile`` for ``profile``/``compare``, ...), which exposes
+``add_parser(subparsers)`` registering its sub-command with a ``func(args) -> int`` default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -14,7 +21,15 @@ from torch import nn
 
 from convattn import registry
 
-__all__ = ["main"]
+__all__ = ["COMMAND_MODULES", "main"]
+
+# Modules that add sub-commands through ``add_parser(subparsers)``.
+COMMAND_MODULES = (
+    "convattn.profile",
+    "convattn.train.cli",
+    "convattn.viz",
+    "convattn.export",
+)
 
 
 def _text_table(rows: list[list[str]], headers: list[str], right: set[int] = frozenset()) -> str:  # type: ignore[assignment]
@@ -119,6 +134,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is absent
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convattn", description="Channel and spatial attention for CNNs."
@@ -145,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(func=cmd_demo)
+
+    for module_name in COMMAND_MODULES:
+        if _module_exists(module_name):
+            importlib.import_module(module_name).add_parser(sub)
     return parser
 
 
