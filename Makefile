@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,viz]'
+	$(PY) -m pip install --quiet -e '.[dev,viz,vision,train,export]'
 	touch $(STAMP)
 
 demo: $(STAMP)

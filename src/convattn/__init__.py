@@ -4,11 +4,30 @@
 >>> se = convattn.create("se", 256)            # paper defaults
 >>> convattn.list_attention(kind="spatial")    # registered keys
 >>> convattn.info("eca").defaults              # paper, link, placement, defaults, differences
+>>> net = convattn.models.resnet50(attention="cbam")        # reference backbone, paper placement
+>>> report = convattn.attach(torchvision_model, "eca")     # into an existing (pretrained) model
 """
 
-from convattn import layers
+from convattn import layers, models
+from convattn.placement import PLACEMENTS, paper_placement
 from convattn.registry import AttentionSpec, create, info, list_attention, register
+from convattn.surgery import AttachReport, IdentityStart, attach, detach
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionSpec", "__version__", "create", "info", "layers", "list_attention", "register"]
+__all__ = [
+    "PLACEMENTS",
+    "AttachReport",
+    "AttentionSpec",
+    "IdentityStart",
+    "__version__",
+    "attach",
+    "create",
+    "detach",
+    "info",
+    "layers",
+    "list_attention",
+    "models",
+    "paper_placement",
+    "register",
+]

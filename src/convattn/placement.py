@@ -18,9 +18,13 @@ PLACEMENTS: dict[str, str] = {
     "stage_end": "after stages 1, 2 and 3 (one module per stage, at the stage's width)",
     "replace_conv2": "replaces the 3x3 (grouped) conv of each residual block",
     "after_dw": "in each inverted residual with expansion != 1, after the depthwise conv + BN + ReLU6",
-    "every_other_block": "after every other residual block of stages 2 and 3 (5 modules in ResNet-50)",
+    "every_other_block": (
+        "after every other residual block (the 2nd, 4th, ...) of stages 2 and 3 (5 modules in "
+        "ResNet-50), as the official non-local ResNets"
+    ),
     "head": "once, after the last stage, before the global pool",
     "pool": "replaces the global average pool of the classifier head",
+    "replace_se": "replaces the built-in squeeze-and-excitation of each EfficientNet / MobileNetV3 block",
 }
 
 # The paper placement in ResNet-style backbones, where it is not "block_end".

@@ -16,7 +16,7 @@ the 3x3 grouped conv (SKNet-50 is ``resnext50_32x4d(attention="sk")``). ``placem
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -72,20 +72,21 @@ class _Block(nn.Module):
     ``bn2`` is an identity (the SK convolution normalises its own branches).
     """
 
-    conv1: nn.Module
-    bn1: nn.Module
-    conv2: nn.Module
-    bn2: nn.Module
-    conv3: nn.Module | None
-    bn3: nn.Module | None
-    relu: nn.Module
-    pre_conv1: nn.Module
-    pre_conv2: nn.Module
-    pre_conv3: nn.Module
-    pre_downsample: nn.Module
-    attn_conv2: nn.Module
-    attn: nn.Module
-    downsample: nn.Module | None
+    if TYPE_CHECKING:  # for type checkers only: TorchScript cannot read these annotations
+        conv1: nn.Module
+        bn1: nn.Module
+        conv2: nn.Module
+        bn2: nn.Module
+        conv3: nn.Module | None
+        bn3: nn.Module | None
+        relu: nn.Module
+        pre_conv1: nn.Module
+        pre_conv2: nn.Module
+        pre_conv3: nn.Module
+        pre_downsample: nn.Module
+        attn_conv2: nn.Module
+        attn: nn.Module
+        downsample: nn.Module | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
@@ -196,15 +197,17 @@ BlockType = type[BasicBlock] | type[Bottleneck]
 
 
 def _every_other(blocks: int) -> list[int]:
-    return list(range(0, blocks, 2))
+    """Blocks 1, 3, 5, ...: the official non-local ResNets add one after every second block."""
+    return list(range(1, blocks, 2))
 
 
 class _ResNetBase(nn.Module):
     """Network-level placements shared by the ImageNet and CIFAR ResNets."""
 
-    stage_names: tuple[str, ...]
-    head_attn: nn.Module
-    avgpool: nn.Module
+    if TYPE_CHECKING:  # for type checkers only: TorchScript cannot read these annotations
+        stage_names: tuple[str, ...]
+        head_attn: nn.Module
+        avgpool: nn.Module
 
     def _network_attention(
         self, attention: AttentionFactory, widths: list[int], pool_size: int
@@ -214,7 +217,7 @@ class _ResNetBase(nn.Module):
         if attention.at("stage_end"):
             for name, width in zip(self.stage_names[:-1], widths[:-1], strict=True):
                 self.stage_attn[name] = attention(width)
-        # every_other_block: after blocks 0, 2, ... of the two stages before the last.
+        # every_other_block: after blocks 1, 3, ... of the two stages before the last.
         self.block_attn = nn.ModuleDict()
         if attention.at("every_other_block"):
             for name, width in zip(self.stage_names[-3:-1], widths[-3:-1], strict=True):
@@ -226,18 +229,22 @@ class _ResNetBase(nn.Module):
         if attention.at("pool"):
             self.attn_pool = attention(widths[-1], spatial_size=pool_size)
 
-    def _run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        stage = getattr(self, name)
-        if not self.block_attn:
-            x = stage(x)
-        else:
-            for index, block in enumerate(stage):
-                x = block(x)
-                key = f"{name}_{index}"
-                if key in self.block_attn:
-                    x = self.block_attn[key](x)
-        if name in self.stage_attn:
-            x = self.stage_attn[name](x)
+    # The stages are run by forward_features one by one, by attribute, and the modules of
+    # block_attn / stage_attn looked up by iterating the ModuleDicts: TorchScript compiles
+    # neither getattr(self, name) nor ModuleDict indexing by a computed key.
+    def _block_attention(self, stage: str, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The every_other_block module after block ``index`` of ``stage``, if there is one."""
+        key = f"{stage}_{index}"
+        for name, module in self.block_attn.items():
+            if name == key:
+                x = module(x)
+        return x
+
+    def _stage_attention(self, stage: str, x: torch.Tensor) -> torch.Tensor:
+        """The stage_end module after ``stage``, if there is one."""
+        for name, module in self.stage_attn.items():
+            if name == stage:
+                x = module(x)
         return x
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,9 +351,18 @@ class ResNet(_ResNetBase):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.pre_stem(x)))))
-        for name in self.stage_names:
-            x = self._run_stage(name, x)
-        return x
+        for index, block in enumerate(self.layer1):
+            x = self._block_attention("layer1", index, block(x))
+        x = self._stage_attention("layer1", x)
+        for index, block in enumerate(self.layer2):
+            x = self._block_attention("layer2", index, block(x))
+        x = self._stage_attention("layer2", x)
+        for index, block in enumerate(self.layer3):
+            x = self._block_attention("layer3", index, block(x))
+        x = self._stage_attention("layer3", x)
+        for index, block in enumerate(self.layer4):
+            x = self._block_attention("layer4", index, block(x))
+        return self._stage_attention("layer4", x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self._pool(self.forward_features(x)))
@@ -438,9 +454,15 @@ class CifarResNet(_ResNetBase):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(self.pre_stem(x))))
-        for name in self.stage_names:
-            x = self._run_stage(name, x)
-        return x
+        for index, block in enumerate(self.layer1):
+            x = self._block_attention("layer1", index, block(x))
+        x = self._stage_attention("layer1", x)
+        for index, block in enumerate(self.layer2):
+            x = self._block_attention("layer2", index, block(x))
+        x = self._stage_attention("layer2", x)
+        for index, block in enumerate(self.layer3):
+            x = self._block_attention("layer3", index, block(x))
+        return self._stage_attention("layer3", x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self._pool(self.forward_features(x)))
