@@ -12,16 +12,20 @@ from convattn import layers, models
 from convattn.placement import PLACEMENTS, paper_placement
 from convattn.registry import AttentionSpec, create, info, list_attention, register
 from convattn.surgery import AttachReport, IdentityStart, attach, detach
+from convattn.viz import AttentionMaps, CapturedMap, capture
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PLACEMENTS",
     "AttachReport",
+    "AttentionMaps",
     "AttentionSpec",
+    "CapturedMap",
     "IdentityStart",
     "__version__",
     "attach",
+    "capture",
     "create",
     "detach",
     "info",
