@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/convattn demo
+	$(VENV)/bin/convattn compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
