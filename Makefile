@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint typecheck check readme clean
+.PHONY: demo test test-slow lint typecheck check readme compat clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ check: lint typecheck test
 
 readme: $(STAMP)
 	$(PY) scripts/update_readme.py
+
+compat: $(STAMP)
+	$(PY) scripts/update_compat.py --rerun
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,6 @@
 """Shared building blocks: channel rounding, activation resolution, N-d layer factories,
 input checks and the common base class of every attention module."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Sequence
 
@@ -12,6 +10,7 @@ from torch import nn
 __all__ = [
     "ActLayer",
     "AttentionModule",
+    "at_least_float32",
     "batch_norm_nd",
     "check_choice",
     "check_positive_int",
@@ -22,6 +21,7 @@ __all__ = [
     "get_act_layer",
     "make_divisible",
     "reduced_channels",
+    "spatial_numel",
     "unsqueeze_spatial",
 ]
 
@@ -169,6 +169,24 @@ def unsqueeze_spatial(weights: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return weights
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is float16 or bfloat16, unchanged otherwise: for reductions
+    whose intermediate values overflow float16 or lose too much precision in bfloat16 (sums of
+    squares, dot-product energies). The caller casts the result back to the input dtype."""
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        return x.float()
+    return x
+
+
+def spatial_numel(x: torch.Tensor) -> int:
+    """Number of positions of an (N, C, *spatial) tensor: the product of its spatial sizes
+    (written as a loop so that TorchScript compiles it; ``math.prod`` is not supported)."""
+    positions = 1
+    for size in x.shape[2:]:
+        positions *= size
+    return positions
+
+
 _DIM_NAMES = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
@@ -192,17 +210,28 @@ class AttentionModule(nn.Module):
         self.spatial_dims = check_spatial_dims(owner, spatial_dims, supported_dims)
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.channels:
+            if torch.jit.is_scripting():
+                # TorchScript cannot build the eager message (type names, dict lookups).
+                raise ValueError(
+                    f"expected a {self.spatial_dims + 2}-D input with {self.channels} channels "
+                    f"in dim 1 (spatial_dims={self.spatial_dims}), got shape {x.shape}"
+                )
+            raise ValueError(self._input_error(x))
+
+    @torch.jit.unused
+    def _input_error(self, x: torch.Tensor) -> str:
+        """The eager error message for an input that does not fit the module."""
         if x.dim() != self.spatial_dims + 2:
-            raise ValueError(
+            return (
                 f"{type(self).__name__}: expected a {self.spatial_dims + 2}-D input "
                 f"{_DIM_NAMES[self.spatial_dims]} (spatial_dims={self.spatial_dims}), "
                 f"got shape {tuple(x.shape)}"
             )
-        if x.shape[1] != self.channels:
-            raise ValueError(
-                f"{type(self).__name__}: expected {self.channels} channels in dim 1, "
-                f"got shape {tuple(x.shape)}"
-            )
+        return (
+            f"{type(self).__name__}: expected {self.channels} channels in dim 1, "
+            f"got shape {tuple(x.shape)}"
+        )
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, spatial_dims={self.spatial_dims}"

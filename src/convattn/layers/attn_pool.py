@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule, check_positive_int
+from convattn.layers._helpers import AttentionModule, at_least_float32, check_positive_int
 from convattn.registry import register
 
 __all__ = ["AttentionPool2d"]
@@ -137,8 +137,9 @@ class AttentionPool2d(AttentionModule):
         query = self.q_proj(tokens[:, :1]).reshape(batch, 1, heads, head_dim).transpose(1, 2)
         key = self.k_proj(tokens).reshape(batch, -1, heads, head_dim).transpose(1, 2)
         value = self.v_proj(tokens).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-        scores = torch.matmul(query, key.transpose(-2, -1)) * head_dim**-0.5  # (N, h, 1, L)
-        weights = self.gate(scores)
+        # Scores and softmax in float32 for half-precision inputs (q . k overflows float16).
+        scores = torch.matmul(at_least_float32(query), at_least_float32(key).transpose(-2, -1))
+        weights = self.gate(scores * head_dim**-0.5).to(value.dtype)  # (N, h, 1, L)
         pooled = torch.matmul(weights, value).reshape(batch, self.channels)  # (N, C)
         return self.c_proj(pooled)
 

@@ -143,7 +143,9 @@ class ChannelAttention(AttentionModule):
 
     def excite(self, z: torch.Tensor) -> torch.Tensor:
         """(N, C) descriptor -> (N, C) pre-gate weights."""
-        if self.excitation == "mlp":
+        # hasattr (not the excitation string) so that TorchScript only compiles the branch
+        # whose layers exist.
+        if hasattr(self, "fc1"):
             return self.fc2(self.act(self.fc1(z)))
         return self.conv(z.unsqueeze(1)).squeeze(1)
 

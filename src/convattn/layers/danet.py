@@ -18,7 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule, conv_nd, reduced_channels
+from convattn.layers._helpers import (
+    AttentionModule,
+    at_least_float32,
+    conv_nd,
+    reduced_channels,
+)
 from convattn.registry import register
 
 __all__ = ["DAChannelAttention", "DAPositionAttention"]
@@ -86,8 +91,9 @@ class DAPositionAttention(AttentionModule):
         query = self.query_conv(x).flatten(2)  # (N, C/8, L)
         key = self.key_conv(x).flatten(2)  # (N, C/8, L)
         value = self.value_conv(x).flatten(2)  # (N, C, L)
-        energy = torch.bmm(query.transpose(1, 2), key)  # (N, L_query, L_key)
-        attention = self.gate(energy)
+        # Energies and softmax in float32 for half-precision inputs (precision of the logits).
+        energy = torch.bmm(at_least_float32(query).transpose(1, 2), at_least_float32(key))
+        attention = self.gate(energy).to(value.dtype)  # (N, L_query, L_key)
         out = torch.bmm(value, attention.transpose(1, 2))  # (N, C, L_query)
         return self.gamma * out.reshape(x.shape) + x
 
@@ -133,9 +139,10 @@ class DAChannelAttention(AttentionModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        features = x.flatten(2)  # (N, C, L)
+        # Float32 for half-precision inputs: the (N, C, C) energies overflow float16.
+        features = at_least_float32(x.flatten(2))  # (N, C, L)
         energy = torch.bmm(features, features.transpose(1, 2))  # (N, C, C)
         energy = energy.amax(-1, keepdim=True) - energy
         attention = self.gate(energy)
-        out = torch.bmm(attention, features)  # (N, C, L)
+        out = torch.bmm(attention, features).to(x.dtype)  # (N, C, L)
         return self.gamma * out.reshape(x.shape) + x

@@ -13,8 +13,6 @@ official code's scaling: the paper writes the basis without these constants). Th
 DCT grid size (``(u, v) * (size // 7)``).
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

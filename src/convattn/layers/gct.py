@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule, check_choice
+from convattn.layers._helpers import AttentionModule, at_least_float32, check_choice
 from convattn.registry import register
 
 __all__ = ["GCT"]
@@ -93,6 +93,7 @@ class GCT(AttentionModule):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The multiplier ``1 + tanh(s^ + beta)`` in (0, 2), shape (N, C, 1, ..., 1)."""
+        x = at_least_float32(x)  # the sums of squares overflow float16
         dims = list(range(2, x.dim()))
         if self.mode == "l2":
             embedding = torch.sqrt(x.pow(2).sum(dims, keepdim=True) + self.eps) * self.alpha

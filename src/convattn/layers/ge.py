@@ -245,14 +245,12 @@ class GatherExcite(AttentionModule):
         """GE-theta-minus: global mean, or a (2e - 1)-wide average with stride e."""
         if self.extent == 0:
             return x.mean(list(range(2, x.dim())), keepdim=True)
-        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[self.spatial_dims - 1]
-        return pool(
-            x,
-            2 * self.extent - 1,
-            stride=self.extent,
-            padding=self.extent - 1,
-            count_include_pad=False,
-        )
+        kernel, stride, padding = 2 * self.extent - 1, self.extent, self.extent - 1
+        if self.spatial_dims == 1:
+            return F.avg_pool1d(x, kernel, stride, padding, count_include_pad=False)
+        if self.spatial_dims == 2:
+            return F.avg_pool2d(x, kernel, stride, padding, count_include_pad=False)
+        return F.avg_pool3d(x, kernel, stride, padding, count_include_pad=False)
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         """``excite(gather(x))`` before resizing and the gate: ``(N, C, *reduced)``."""

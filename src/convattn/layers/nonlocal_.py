@@ -223,7 +223,7 @@ class NonLocalBlock(AttentionModule):
         g = self.g(pooled).flatten(2)  # (N, inner, M)
         weights = self.gate(self.pairwise(theta, phi))  # (N, L, M)
         y = torch.bmm(g, weights.transpose(1, 2))  # (N, inner, L)
-        return y.reshape(x.shape[0], self.inter_channels, *x.shape[2:])
+        return y.reshape([x.shape[0], self.inter_channels] + list(x.shape[2:]))  # noqa: RUF005 (TorchScript: no * in lists)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -175,7 +175,7 @@ class PolarizedSelfAttention(AttentionModule):
         logits = torch.matmul(query.unsqueeze(1), value)  # (N, 1, L)
         if self.spatial_softmax_on == "product":
             logits = self.sp_softmax(logits)
-        return self.gate_spatial(logits.reshape(x.shape[0], 1, *x.shape[2:]))
+        return self.gate_spatial(logits.reshape([x.shape[0], 1] + list(x.shape[2:])))  # noqa: RUF005 (TorchScript: no * in lists)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

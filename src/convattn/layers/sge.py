@@ -55,6 +55,7 @@ class SpatialGroupEnhance(AttentionModule):
     """
 
     eps = 1e-5
+    __constants__ = ("eps",)  # readable from TorchScript
 
     def __init__(self, channels: int, *, groups: int = 64, spatial_dims: int = 2) -> None:
         super().__init__(channels, spatial_dims)
@@ -81,9 +82,9 @@ class SpatialGroupEnhance(AttentionModule):
         centred = similarity - similarity.mean(-1, keepdim=True)
         if similarity.shape[-1] > 1:  # a single position is its own mean: c^ = 0
             centred = centred / (centred.std(-1, keepdim=True) + self.eps)
-        logits = centred.reshape([batch, self.groups, *spatial]) * self.weight + self.bias
+        logits = centred.reshape([batch, self.groups] + spatial) * self.weight + self.bias  # noqa: RUF005 (TorchScript: no * in lists)
         gate = self.gate(logits)  # (N, G, *spatial)
-        out = x.reshape([batch, self.groups, group_channels, *spatial]) * gate.unsqueeze(2)
+        out = x.reshape([batch, self.groups, group_channels] + spatial) * gate.unsqueeze(2)  # noqa: RUF005 (TorchScript: no * in lists)
         return out.reshape_as(x)
 
     def extra_repr(self) -> str:

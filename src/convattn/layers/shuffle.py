@@ -84,7 +84,7 @@ class ShuffleAttention(AttentionModule):
         batch = x.shape[0]
         spatial = list(x.shape[2:])
         pooled_dims = list(range(2, 2 + self.spatial_dims))
-        grouped = x.reshape([batch * self.groups, 2 * self.half_channels, *spatial])
+        grouped = x.reshape([batch * self.groups, 2 * self.half_channels] + spatial)  # noqa: RUF005 (TorchScript: no * in lists)
         channel_half, spatial_half = torch.chunk(grouped, 2, dim=1)
         descriptor = channel_half.mean(pooled_dims, keepdim=True)
         channel_out = channel_half * self.gate_channel(self.cweight * descriptor + self.cbias)
@@ -92,7 +92,7 @@ class ShuffleAttention(AttentionModule):
         spatial_out = spatial_half * self.gate_spatial(self.sweight * normalised + self.sbias)
         out = torch.cat([channel_out, spatial_out], dim=1)
         # Channel shuffle with 2 groups: channel k of the second half goes next to channel k.
-        out = out.reshape([batch, 2, self.channels // 2, *spatial]).transpose(1, 2)
+        out = out.reshape([batch, 2, self.channels // 2] + spatial).transpose(1, 2)  # noqa: RUF005 (TorchScript: no * in lists)
         return out.reshape_as(x)
 
     def extra_repr(self) -> str:

@@ -11,12 +11,10 @@ is ``E_inv = d / (4 (v + lambda)) + 1/2``, and the output is
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule
+from convattn.layers._helpers import AttentionModule, at_least_float32, spatial_numel
 from convattn.registry import register
 
 __all__ = ["SimAM"]
@@ -71,10 +69,11 @@ class SimAM(AttentionModule):
         """Per-neuron weights in (0, 1), same shape as ``x``."""
         dims = list(range(2, x.dim()))
         # n = M - 1; a single position has no spread, so divide by 1 there (v = 0), not by 0.
-        n = max(math.prod(x.shape[2:]) - 1, 1)
-        d = (x - x.mean(dims, keepdim=True)).pow(2)
+        n = max(spatial_numel(x) - 1, 1)
+        wide = at_least_float32(x)  # squared deviations overflow float16
+        d = (wide - wide.mean(dims, keepdim=True)).pow(2)
         v = d.sum(dims, keepdim=True) / n
-        return self.gate(d / (4 * (v + self.e_lambda)) + 0.5)
+        return self.gate(d / (4 * (v + self.e_lambda)) + 0.5).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -11,12 +11,10 @@ layer ``z_nc = w_c . t_nc`` (C x 2 weights), normalises with BatchNorm and gates
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule, unsqueeze_spatial
+from convattn.layers._helpers import AttentionModule, spatial_numel, unsqueeze_spatial
 from convattn.registry import register
 
 __all__ = ["SRM"]
@@ -66,6 +64,10 @@ class SRM(AttentionModule):
         - Input: ``(N, C, *spatial)``; output: same shape and dtype.
     """
 
+    # A class constant, so that TorchScript can read it (it cannot close over a global float).
+    std_eps = _STD_EPS
+    __constants__ = ("std_eps",)
+
     def __init__(self, channels: int, *, spatial_dims: int = 2) -> None:
         super().__init__(channels, spatial_dims)
         self.cfc = nn.Parameter(torch.zeros(channels, 2))
@@ -75,11 +77,11 @@ class SRM(AttentionModule):
     def style_pooling(self, x: torch.Tensor) -> torch.Tensor:
         """Style features ``t``, shape (N, C, 2): [mean, std] per channel."""
         dims = list(range(2, x.dim()))
-        positions = math.prod(x.shape[2:])
+        positions = spatial_numel(x)
         # Unbiased variance as in the official code; a single position has none, so fall
         # back to the population variance (0) there instead of producing NaN.
         var, mean = torch.var_mean(x, dims, correction=1 if positions > 1 else 0)
-        std = torch.sqrt(var + _STD_EPS)
+        std = torch.sqrt(var + self.std_eps)
         return torch.stack([mean, std], dim=-1)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:

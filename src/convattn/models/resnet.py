@@ -270,6 +270,11 @@ class ResNet(_ResNetBase):
     """
 
     stage_names = ("layer1", "layer2", "layer3", "layer4")
+    if TYPE_CHECKING:  # set with setattr in __init__
+        layer1: nn.Sequential
+        layer2: nn.Sequential
+        layer3: nn.Sequential
+        layer4: nn.Sequential
 
     def __init__(
         self,
@@ -394,6 +399,10 @@ class CifarResNet(_ResNetBase):
     """
 
     stage_names = ("layer1", "layer2", "layer3")
+    if TYPE_CHECKING:  # set with setattr in __init__
+        layer1: nn.Sequential
+        layer2: nn.Sequential
+        layer3: nn.Sequential
 
     def __init__(
         self,
