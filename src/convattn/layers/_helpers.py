@@ -10,6 +10,7 @@ from torch import nn
 __all__ = [
     "ActLayer",
     "AttentionModule",
+    "GroupNorm",
     "at_least_float32",
     "batch_norm_nd",
     "check_choice",
@@ -176,6 +177,15 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         return x.float()
     return x
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also takes a group holding a single value (batch 1, one group, a
+    1x1 map), which ``F.group_norm`` refuses: it normalises to 0 and returns the bias. Same
+    parameters and state-dict keys as ``nn.GroupNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def spatial_numel(x: torch.Tensor) -> int:

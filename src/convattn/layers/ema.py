@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule, check_positive_int
+from convattn.layers._helpers import AttentionModule, GroupNorm, check_positive_int
 from convattn.registry import register
 
 __all__ = ["EMA"]
@@ -78,7 +78,7 @@ class EMA(AttentionModule):
         self.group_channels = group_channels
         self.conv1x1 = nn.Conv2d(group_channels, group_channels, 1, bias=True)
         self.conv3x3 = nn.Conv2d(group_channels, group_channels, 3, padding=1, bias=True)
-        self.gn = nn.GroupNorm(group_channels, group_channels)
+        self.gn = GroupNorm(group_channels, group_channels)
         self.gate_h = nn.Sigmoid()
         self.gate_w = nn.Sigmoid()
         self.gate_context_1x1 = nn.Softmax(dim=-1)

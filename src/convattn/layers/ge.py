@@ -250,7 +250,13 @@ class GatherExcite(AttentionModule):
             return F.avg_pool1d(x, kernel, stride, padding, count_include_pad=False)
         if self.spatial_dims == 2:
             return F.avg_pool2d(x, kernel, stride, padding, count_include_pad=False)
-        return F.avg_pool3d(x, kernel, stride, padding, count_include_pad=False)
+        # avg_pool3d refuses maps smaller than its window even when the padding covers it, so
+        # pad by hand and divide window sums by the count of real (unpadded) positions.
+        padded = F.pad(x, [padding] * 6)
+        ones = F.pad(torch.ones_like(x[:1, :1]), [padding] * 6)
+        sums = F.avg_pool3d(padded, kernel, stride)
+        counts = F.avg_pool3d(ones, kernel, stride)
+        return sums / counts
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         """``excite(gather(x))`` before resizing and the gate: ``(N, C, *reduced)``."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule, check_positive_int
+from convattn.layers._helpers import AttentionModule, GroupNorm, check_positive_int
 from convattn.registry import register
 
 __all__ = ["ShuffleAttention"]
@@ -75,7 +75,7 @@ class ShuffleAttention(AttentionModule):
         self.cbias = nn.Parameter(torch.ones(param_shape))
         self.sweight = nn.Parameter(torch.zeros(param_shape))
         self.sbias = nn.Parameter(torch.ones(param_shape))
-        self.gn = nn.GroupNorm(half, half)
+        self.gn = GroupNorm(half, half)
         self.gate_channel = nn.Sigmoid()
         self.gate_spatial = nn.Sigmoid()
 
