@@ -9,6 +9,7 @@
 """
 
 from convattn import layers, models
+from convattn.fast import optimize
 from convattn.placement import PLACEMENTS, paper_placement
 from convattn.registry import AttentionSpec, create, info, list_attention, register
 from convattn.surgery import AttachReport, IdentityStart, attach, detach
@@ -32,6 +33,7 @@ __all__ = [
     "layers",
     "list_attention",
     "models",
+    "optimize",
     "paper_placement",
     "register",
 ]

@@ -88,7 +88,18 @@ class _Block(nn.Module):
         attn: nn.Module
         downsample: nn.Module | None
 
+    @torch.jit.unused
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused forward of ``convattn.fast`` (eager mode only), or None."""
+        from convattn.fast import block_forward
+
+        return block_forward(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fast = self._fast_forward(x)
+            if fast is not None:
+                return fast
         identity = x
         out = self.relu(self.bn1(self.conv1(self.pre_conv1(x))))
         out = self.attn_conv2(self.conv2(self.pre_conv2(out)))

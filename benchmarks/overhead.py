@@ -1,0 +1,281 @@
+"""What attention costs inside a network: convattn (fast paths on) against timm, in one run.
+
+Three measurements, each side by side with every contender taking turns in every round
+(interleaved), medians reported:
+
+1. Inference overhead over the plain backbone, ResNet-50 at 224 px, batch 1 and 8, in eval
+   mode under ``torch.inference_mode``: ``time(attention net) / time(plain net) - 1`` for
+   convattn's reference ResNet-50 (against convattn's plain ResNet-50) and for timm's ResNet-50
+   with the same attention layer in the same place (against timm's plain ResNet-50).
+2. Training throughput, CIFAR ResNet-20 at batch 128 (forward, cross-entropy, backward):
+   images/s with SE and CBAM relative to the plain network, for convattn's fast paths and for
+   the direct implementation (``convattn.fast.set_fast_paths(model, False)``) and CBAM without
+   its memory-saving recomputation (``set_fast_paths(model, recompute=False)``).
+3. Peak memory of a training step (forward + backward) of SE- and CBAM-ResNet-50: convattn,
+   the direct implementation and timm, counted with ``convattn.profile.TensorMemoryTracker``
+   on CPU (every tensor allocated during the step while it lives; parameters not counted) or
+   ``torch.cuda.max_memory_allocated`` on a GPU.
+
+timm is configured like the papers / convattn: SE and CBAM widths C/16 (timm's SE rounding
+gives the same widths on ResNet-50), CBAM's MLP with biases, GC with add fusion and C/16.
+ECA: convattn uses the released per-stage kernels 3, 5, 5, 7, timm its adaptive 5, 5, 5, 7.
+timm has no scSE; its column says n/a.
+
+    python benchmarks/overhead.py                 # the full run (about 10 minutes on 2 cores)
+    python benchmarks/overhead.py --quick         # smoke run: small inputs, few rounds
+    python benchmarks/overhead.py --device cuda   # the same ratios on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convattn.fast import set_fast_paths
+from convattn.models import create_model
+from convattn.profile import TensorMemoryTracker
+
+# mechanism -> (inference goal in %, convattn attention_options, placement)
+GOALS: dict[str, float] = {"se": 3.0, "eca": 1.5, "cbam": 8.0, "gc": 6.0, "scse": 8.0}
+PLACEMENT = {"scse": "block_end"}
+TRAIN_GOALS = {"se": 0.95, "cbam": 0.80}
+MEMORY_GOAL = 0.85  # convattn's peak at most 85 % of timm's
+
+
+def timm_resnet50(mechanism: str | None) -> nn.Module | None:
+    """timm's ResNet-50 with ``mechanism`` where its SE-ResNet puts attention (after bn3)."""
+    from timm.layers import EcaModule, GlobalContext, SEModule
+    from timm.layers.cbam import CbamModule
+    from timm.models.resnet import Bottleneck, ResNet
+
+    layers: dict[str | None, Callable[..., nn.Module] | None] = {
+        None: None,
+        "se": functools.partial(SEModule, rd_ratio=1 / 16),
+        "eca": EcaModule,
+        "cbam": functools.partial(CbamModule, rd_ratio=1 / 16, mlp_bias=True),
+        "gc": functools.partial(GlobalContext, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16),
+    }
+    if mechanism not in layers:
+        return None
+    attn = layers[mechanism]
+    block_args = {} if attn is None else {"attn_layer": attn}
+    return ResNet(Bottleneck, [3, 4, 6, 3], block_args=block_args)
+
+
+def convattn_model(
+    name: str, mechanism: str | None, fast: bool = True, recompute: bool = True
+) -> nn.Module:
+    model = create_model(name, attention=mechanism, placement=PLACEMENT.get(mechanism or ""))
+    set_fast_paths(model, fast, recompute=recompute)
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    steps: list[Callable[[], object]], warmup: int, repeats: int, device: torch.device
+) -> list[float]:
+    """Median seconds of each step, the steps taking turns in every round."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    sync(device)
+    samples: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            samples[i].append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
+
+
+def infer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    model.eval()
+
+    def step() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return step
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    model.train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+
+    return step
+
+
+def inference_table(args: argparse.Namespace, device: torch.device) -> None:
+    size = 112 if args.quick else 224
+    names = ["plain", *GOALS]
+    ours = {m: convattn_model("resnet50", None if m == "plain" else m).to(device) for m in names}
+    theirs = {m: timm_resnet50(None if m == "plain" else m) for m in names}
+    theirs_dev = {m: t.to(device) for m, t in theirs.items() if t is not None}
+    for batch in args.batches:
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, size, size, device=device)
+        keys = [("ca", m) for m in names] + [("timm", m) for m in theirs_dev]
+        models = {("ca", m): ours[m] for m in names} | {
+            ("timm", m): t for m, t in theirs_dev.items()
+        }
+        steps = [infer_step(models[k], x) for k in keys]
+        times = dict(zip(keys, interleaved(steps, args.warmup, args.repeats, device), strict=True))
+        print(
+            f"\nInference, ResNet-50, {size} px, batch {batch}: plain convattn "
+            f"{times['ca', 'plain'] * 1e3:.1f} ms, plain timm {times['timm', 'plain'] * 1e3:.1f} ms"
+        )
+        header = (
+            f"{'mechanism':<10} {'convattn %':>10} {'timm %':>8} {'goal %':>7} "
+            f"{'<= goal':>8} {'<= timm':>8}"
+        )
+        print(header)
+        print("-" * len(header))
+        for m in GOALS:
+            ca = (times["ca", m] / times["ca", "plain"] - 1) * 100
+            tm = (
+                (times["timm", m] / times["timm", "plain"] - 1) * 100
+                if ("timm", m) in times
+                else None
+            )
+            tm_cell = "n/a" if tm is None else f"{tm:+.1f}"
+            beats = "n/a" if tm is None else ("yes" if ca <= tm else "NO")
+            ok = "yes" if ca <= GOALS[m] else "NO"
+            print(f"{m:<10} {ca:>+10.1f} {tm_cell:>8} {GOALS[m]:>7.1f} {ok:>8} {beats:>8}")
+
+
+def training_table(args: argparse.Namespace, device: torch.device) -> None:
+    batch = 32 if args.quick else 128
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    target = torch.randint(10, (batch,), device=device)
+    entries = [
+        ("plain", convattn_model("cifar_resnet20", None)),
+        ("se", convattn_model("cifar_resnet20", "se")),
+        ("se direct", convattn_model("cifar_resnet20", "se", fast=False)),
+        ("cbam", convattn_model("cifar_resnet20", "cbam")),
+        ("cbam direct", convattn_model("cifar_resnet20", "cbam", fast=False)),
+        ("cbam no-rec.", convattn_model("cifar_resnet20", "cbam", recompute=False)),
+    ]
+    steps = [train_step(model.to(device), x, target) for _, model in entries]
+    times = interleaved(steps, args.warmup, args.train_repeats, device)
+    plain = times[0]
+    print(f"\nTraining, CIFAR ResNet-20, batch {batch}: plain {batch / plain:.0f} images/s")
+    header = f"{'network':<12} {'images/s':>9} {'vs plain':>9} {'goal':>6} {'ok':>4}"
+    print(header)
+    print("-" * len(header))
+    for (label, _), t in zip(entries[1:], times[1:], strict=True):
+        ratio = plain / t
+        goal = TRAIN_GOALS.get(label)
+        goal_cell = "" if goal is None else f">={goal:.2f}"
+        ok = "" if goal is None else ("yes" if ratio >= goal else "NO")
+        print(f"{label:<12} {batch / t:>9.0f} {ratio:>9.3f} {goal_cell:>6} {ok:>4}")
+
+
+def step_peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
+    """Peak bytes allocated during one training step (forward + backward)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        F.cross_entropy(model(x), target).backward()
+        torch.cuda.synchronize(x.device)
+        return torch.cuda.max_memory_allocated(x.device) - base
+    with TensorMemoryTracker() as tracker:
+        F.cross_entropy(model(x), target).backward()
+    return tracker.peak_bytes
+
+
+def memory_table(args: argparse.Namespace, device: torch.device) -> None:
+    batch, size = (2, 112) if args.quick else (8, 224)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randint(1000, (batch,), device=device)
+    print(f"\nTraining-step peak memory, ResNet-50, batch {batch}, {size} px (MiB)")
+    header = (
+        f"{'mechanism':<10} {'convattn':>9} {'direct':>9} {'timm':>9} {'ca/timm':>8} "
+        f"{'goal':>6} {'ok':>4}"
+    )
+    print(header)
+    print("-" * len(header))
+    for m in ("plain", "se", "cbam"):
+        mech = None if m == "plain" else m
+        peaks = []
+        for model in (
+            convattn_model("resnet50", mech),
+            convattn_model("resnet50", mech, fast=False),
+            timm_resnet50(mech),
+        ):
+            assert model is not None
+            peaks.append(step_peak_bytes(model.to(device), x, target))
+            del model
+        ratio = peaks[0] / peaks[2]
+        goal_cell = "" if m == "plain" else f"<={MEMORY_GOAL:.2f}"
+        ok = "" if m == "plain" else ("yes" if ratio <= MEMORY_GOAL else "NO")
+        mib = [p / 2**20 for p in peaks]
+        print(
+            f"{m:<10} {mib[0]:>9.1f} {mib[1]:>9.1f} {mib[2]:>9.1f} {ratio:>8.3f} "
+            f"{goal_cell:>6} {ok:>4}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs, few rounds")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (0: torch default)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--train-repeats", type=int, default=None)
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["inference", "training", "memory"]
+    )
+    args = parser.parse_args()
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
+    if args.train_repeats is None:
+        args.train_repeats = 2 if args.quick else 10
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/overhead.py: --device cuda given but CUDA is not available")
+    device = torch.device(args.device)
+    if importlib.util.find_spec("timm") is None:
+        raise SystemExit("benchmarks/overhead.py: needs timm for the comparison (pip install timm)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(
+        f"convattn attention overhead: torch {torch.__version__}, device {device} ({where}), "
+        f"{torch.get_num_threads()} thread(s), load average {load:.2f}, medians of "
+        f"{args.repeats} (inference) / {args.train_repeats} (training) interleaved rounds"
+    )
+    if "inference" not in args.skip:
+        inference_table(args, device)
+    if "training" not in args.skip:
+        training_table(args, device)
+    if "memory" not in args.skip:
+        memory_table(args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""convattn.fast: the fused / memory-saving paths compute what the direct code computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import convattn
+from convattn.fast import (
+    BNGateResidualReLU,
+    block_forward,
+    gate_residual_relu,
+    optimize,
+    set_fast_paths,
+)
+from convattn.models import create_model
+from convattn.models.resnet import Bottleneck, _Block
+from convattn.profile import TensorMemoryTracker
+
+MECHANISMS = [None, "se", "eca", "cbam", "gc", "scse", "sse", "cse", "spatial", "simam"]
+
+
+def _model(name: str, attention: str | None, **options: object) -> nn.Module:
+    placement = "block_end" if attention in ("scse", "sse", "cse", "spatial") else None
+    model = create_model(
+        name, attention=attention, attention_options=options or None, placement=placement
+    )
+    torch.manual_seed(1)
+    for param in model.parameters():  # undo zero inits so that every path carries signal
+        if param.dim() > 1 and not param.abs().sum():
+            nn.init.normal_(param, 0, 0.05)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.2, 0.2)
+    return model.double()
+
+
+def _pair(name: str, attention: str | None) -> tuple[nn.Module, nn.Module]:
+    fast = _model(name, attention)
+    direct = copy.deepcopy(fast)
+    assert set_fast_paths(direct, False) > 0
+    return fast, direct
+
+
+def _uses_fast_path(model: nn.Module, x: torch.Tensor) -> bool:
+    block = next(m for m in model.modules() if isinstance(m, _Block))
+    with torch.no_grad():
+        return block_forward(block, torch.zeros(1, block.conv1.in_channels, 8, 8).to(x)) is not None
+
+
+@pytest.mark.parametrize("attention", MECHANISMS)
+def test_eval_outputs_equal_direct(attention: str | None) -> None:
+    fast, direct = _pair("cifar_resnet20", attention)
+    fast.eval()
+    direct.eval()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = direct(x)
+        got = fast(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("attention", "options"),
+    [("scse", {"fusion": "sum"}), ("gc", {"fusion_types": ("add", "mul")}), ("se", {})],
+)
+def test_eval_outputs_equal_direct_variants(attention: str, options: dict[str, object]) -> None:
+    fast = _model("resnet18", attention, **options).eval()
+    direct = copy.deepcopy(fast)
+    set_fast_paths(direct, False)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), direct(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", MECHANISMS)
+def test_train_outputs_gradients_and_running_stats_equal_direct(attention: str | None) -> None:
+    fast, direct = _pair("cifar_resnet20", attention)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 3, 5, 9])
+    for _ in range(2):  # two steps: num_batches_tracked and running stats evolve alike
+        outs = []
+        for model in (fast, direct):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            F.cross_entropy(out, target).backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    for (name, p), (_, q) in zip(fast.named_parameters(), direct.named_parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for (name, a), (_, b) in zip(fast.named_buffers(), direct.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["se", "cbam", "gc"])
+def test_bottleneck_fast_paths_float32(attention: str) -> None:
+    """ImageNet bottlenecks (projection shortcut) in float32, eval and train."""
+    fast = create_model("resnet50", attention=attention).float()
+    blocks = [fast.layer1[0], fast.layer2[1]]
+    for block in blocks:
+        assert isinstance(block, Bottleneck)
+        direct = copy.deepcopy(block)
+        direct.fast_path = False
+        x = torch.randn(2, block.conv1.in_channels, 12, 12)
+        for training in (False, True):
+            block.train(training)
+            direct.train(training)
+            xa = x.clone().requires_grad_(training)
+            xb = x.clone().requires_grad_(training)
+            with torch.set_grad_enabled(training):
+                ya, yb = block(xa), direct(xb)
+            torch.testing.assert_close(ya, yb)
+            if training:
+                g = torch.randn_like(ya)
+                ya.backward(g)
+                yb.backward(g)
+                torch.testing.assert_close(xa.grad, xb.grad)
+                for (name, p), (_, q) in zip(
+                    block.named_parameters(), direct.named_parameters(), strict=True
+                ):
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fast_path_is_taken_for_se() -> None:
+    fast, _ = _pair("cifar_resnet20", "se")
+    assert _uses_fast_path(fast, torch.zeros(1, dtype=torch.float64))
+
+
+def test_bn_gate_residual_relu_gradcheck() -> None:
+    """The memory-saving function against autograd's numerical Jacobian (float64), with the
+    BatchNorm in front of it so that x really is BN(c) as the function assumes."""
+    torch.manual_seed(0)
+    n, c, h, w = 2, 3, 3, 3
+    dt = torch.float64
+    conv_out = torch.randn(n, c, h, w, dtype=dt, requires_grad=True)
+    weight = torch.rand(c, dtype=dt).add(0.5).requires_grad_()
+    bias = torch.randn(c, dtype=dt, requires_grad=True)
+    gate_logits = torch.randn(n, c, 1, 1, dtype=dt, requires_grad=True)
+    identity = torch.randn(n, c, h, w, dtype=dt, requires_grad=True)
+
+    def fused(c_, w_, b_, g_, id_):  # type: ignore[no-untyped-def]
+        x, mean, invstd = torch.native_batch_norm(c_, w_, b_, None, None, True, 0.1, 1e-5)
+        x = x + 0 * g_.sum()  # the gate depends on x in the blocks; keep the graphs alike
+        gate = torch.sigmoid(g_)
+        return BNGateResidualReLU.apply(x, gate, id_, c_, w_, b_, mean.detach(), invstd.detach())
+
+    def direct(c_, w_, b_, g_, id_):  # type: ignore[no-untyped-def]
+        x = F.batch_norm(c_, None, None, w_, b_, training=True, momentum=0.1, eps=1e-5)
+        return torch.relu(x * torch.sigmoid(g_) + id_)
+
+    inputs = (conv_out, weight, bias, gate_logits, identity)
+    torch.testing.assert_close(fused(*inputs), direct(*inputs))
+    assert torch.autograd.gradcheck(fused, inputs)
+    grad = torch.randn(n, c, h, w, dtype=dt)
+    got = torch.autograd.grad(fused(*inputs), inputs, grad)
+    expected = torch.autograd.grad(direct(*inputs), inputs, grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gate_residual_relu_matches_expression() -> None:
+    x = torch.randn(2, 4, 5, 5)
+    identity = torch.randn(2, 4, 5, 5)
+    for gate in (torch.rand(2, 4, 1, 1), torch.rand(2, 1, 5, 5)):
+        with torch.no_grad():
+            got = gate_residual_relu(x, gate, identity)
+        torch.testing.assert_close(got, torch.relu(x * gate + identity))
+        xg = x.clone().requires_grad_()
+        gate_residual_relu(xg, gate, identity).sum().backward()
+        torch.testing.assert_close(xg.grad, gate * (x * gate + identity > 0))
+
+
+def test_hooks_and_capture_disable_the_fast_path() -> None:
+    model = _model("cifar_resnet20", "se").eval()
+    block = model.layer1[0]
+    seen: list[torch.Tensor] = []
+    handle = block.attn.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 3, 16, 16, dtype=torch.float64))
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    with convattn.capture(model) as maps, torch.no_grad():
+        model(torch.randn(1, 3, 16, 16, dtype=torch.float64))
+    assert len(maps) == 9  # one SE gate per block
+
+
+def test_scripting_and_tracing_use_the_plain_path() -> None:
+    model = _model("cifar_resnet20", "cbam").eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        scripted = torch.jit.script(model)
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(scripted(x), expected)
+        torch.testing.assert_close(traced(x), expected)
+    assert "addcmul" not in str(traced.inlined_graph)
+
+
+def test_torch_export_uses_the_plain_path() -> None:
+    model = _model("cifar_resnet20", "se").float().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        exported = torch.export.export(model, (x,))
+    assert "addcmul" not in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+@pytest.mark.parametrize(("attention", "bound"), [("se", 0.88), ("cbam", 0.8)])
+def test_training_path_saves_memory(attention: str, bound: float) -> None:
+    """Deterministic byte count of one training step: the fast paths keep fewer feature maps
+    per block than the direct graph (every block of a CIFAR ResNet-20 has attention)."""
+    fast, direct = _pair("cifar_resnet20", attention)
+    x = torch.randn(16, 3, 32, 32, dtype=torch.float64)
+    target = torch.randint(10, (16,))
+    peaks = []
+    for model in (fast, direct):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with TensorMemoryTracker() as tracker:
+            F.cross_entropy(model(x), target).backward()
+        peaks.append(tracker.peak_bytes)
+    # Saved feature maps of the direct graph per basic block: conv1 out, relu out, conv2 out,
+    # bn2 out (the attention input) and the block output, and for CBAM also the channel-gated
+    # map; the fast paths keep neither bn2 out nor the gated map.
+    assert peaks[0] < bound * peaks[1], peaks
+
+
+def test_optimize() -> None:
+    model = _model("cifar_resnet20", "se").eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        assert optimize(model, fuse=False) is model
+        assert not any(m.fast_path for m in model.modules() if isinstance(m, _Block))
+        torch.testing.assert_close(model(x), expected)
+        optimized = optimize(model, channels_last=True)
+        assert optimized.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        assert all(m.fast_path for m in model.modules() if isinstance(m, _Block))
+        got = optimized(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(TypeError, match="optimize: model"):
+        optimize("resnet")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="optimize: fuse must be a bool"):
+        optimize(model, fuse=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="set_fast_paths: enabled"):
+        set_fast_paths(model, "yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_optimize_compile_keeps_outputs() -> None:
+    model = _model("cifar_resnet20", "cbam").float().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = optimize(model, compile=True, compile_options={"fullgraph": True})
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["se", "cbam"])
+def test_block_training_path_gradcheck(attention: str) -> None:
+    """A whole basic block in training mode (fast path taken) against the numerical
+    Jacobian in float64, for the input and the attention / BatchNorm parameters."""
+    model = _model("cifar_resnet20", attention).train()
+    block = model.layer1[1]
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        assert block_forward(block, x) is not None
+    params = [block.bn2.weight, block.bn2.bias, *list(block.attn.parameters())[:2]]
+
+    def run(inp: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        return block(inp)
+
+    assert torch.autograd.gradcheck(run, (x, *params), nondet_tol=1e-12)
+
+
+def test_recompute_off_trains_cbam_the_direct_way() -> None:
+    model = _model("cifar_resnet20", "cbam").train()
+    optimize(model, recompute=False)
+    block = model.layer1[0]
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    assert block_forward(block, x) is None
+    with torch.no_grad():
+        assert block_forward(block, x) is not None  # inference fast path still on
+    with pytest.raises(TypeError, match="set_fast_paths: recompute"):
+        set_fast_paths(model, recompute=None)  # type: ignore[arg-type]
