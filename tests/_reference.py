@@ -6,17 +6,19 @@ import torch
 from torch import nn
 
 
-def randomize(module: nn.Module, scale: float = 0.5) -> nn.Module:
+def randomize(module: nn.Module, scale: float = 0.5, *, seed: int | None = None) -> nn.Module:
     """Give every parameter and BN running statistic a non-trivial random value, so that a
-    reference that gets an index, a bias or a normalisation wrong cannot pass by luck."""
+    reference that gets an index, a bias or a normalisation wrong cannot pass by luck. With
+    ``seed`` the values come from their own generator, independent of the global RNG."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(scale * torch.randn_like(p))
+            p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
         for name, b in module.named_buffers():
             if name.endswith("running_mean"):
-                b.copy_(0.3 * torch.randn_like(b))
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen, dtype=b.dtype))
             elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand_like(b))
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen, dtype=b.dtype))
     return module
 
 

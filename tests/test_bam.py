@@ -7,24 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _reference import randomize
 from convattn.layers.bam import BAM
 from convattn.registry import create, info
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial weights and BN running statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                assert m.running_mean is not None and m.running_var is not None
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return module
 
 
 def bn(x: torch.Tensor, sd: dict[str, torch.Tensor], key: str, training: bool) -> torch.Tensor:
@@ -79,14 +66,14 @@ def bam_reference(
 @pytest.mark.parametrize("fusion", ["product", "sum"])
 @pytest.mark.parametrize("size", [(7, 7), (14, 14), (5, 9), (1, 1)])
 def test_matches_reference_eval_any_map_size(fusion: str, size: tuple[int, int]) -> None:
-    module = randomize(BAM(32, fusion=fusion)).double().eval()
+    module = randomize(BAM(32, fusion=fusion), seed=0).double().eval()
     x = torch.randn(2, 32, *size, dtype=torch.float64)
     ref = bam_reference(x, module.state_dict(), fusion=fusion)
     torch.testing.assert_close(module(x), ref)
 
 
 def test_batch_size_one_eval() -> None:
-    module = randomize(BAM(32)).double().eval()
+    module = randomize(BAM(32), seed=0).double().eval()
     x = torch.randn(1, 32, 5, 9, dtype=torch.float64)
     torch.testing.assert_close(module(x), bam_reference(x, module.state_dict(), fusion="product"))
 
@@ -96,21 +83,21 @@ def test_batch_size_one_eval() -> None:
 def test_matches_reference_other_dims(
     spatial_dims: int, size: tuple[int, ...], fusion: str
 ) -> None:
-    module = randomize(BAM(32, fusion=fusion, spatial_dims=spatial_dims)).double().eval()
+    module = randomize(BAM(32, fusion=fusion, spatial_dims=spatial_dims), seed=0).double().eval()
     x = torch.randn(2, 32, *size, dtype=torch.float64)
     ref = bam_reference(x, module.state_dict(), fusion=fusion)
     torch.testing.assert_close(module(x), ref)
 
 
 def test_matches_reference_train_mode() -> None:
-    module = randomize(BAM(32)).double().train()
+    module = randomize(BAM(32), seed=0).double().train()
     x = torch.randn(3, 32, 6, 5, dtype=torch.float64)
     sd = {k: v.clone() for k, v in module.state_dict().items()}
     torch.testing.assert_close(module(x), bam_reference(x, sd, fusion="product", training=True))
 
 
 def test_dilation_option_and_size_kept() -> None:
-    module = randomize(BAM(32, dilation=2)).double().eval()
+    module = randomize(BAM(32, dilation=2), seed=0).double().eval()
     x = torch.randn(1, 32, 3, 8, dtype=torch.float64)
     ref = bam_reference(x, module.state_dict(), fusion="product", dilation=2)
     torch.testing.assert_close(module(x), ref)
@@ -152,7 +139,7 @@ def test_param_count_values() -> None:
 
 
 def test_gate_hook_reads_attention_map() -> None:
-    module = randomize(BAM(32)).double().eval()
+    module = randomize(BAM(32), seed=0).double().eval()
     x = torch.randn(1, 32, 4, 6, dtype=torch.float64)
     seen: list[torch.Tensor] = []
     module.gate.register_forward_hook(lambda m, i, o: seen.append(o))

@@ -9,23 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _reference import randomize
 from convattn.layers.ge import GatherExcite
 from convattn.registry import create, info
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                assert m.running_mean is not None and m.running_var is not None
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return module
 
 
 def bn_eval(x: torch.Tensor, sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -131,14 +119,14 @@ def theta_global_reference(
 @pytest.mark.parametrize("spatial_dims,size", [(1, (7,)), (2, (7, 7)), (2, (5, 9)), (3, (3, 4, 2))])
 def test_theta_global_matches_official_conv(spatial_dims: int, size: tuple[int, ...]) -> None:
     module = GatherExcite(16, feat_size=size, spatial_dims=spatial_dims)
-    module = randomize(module).double().eval()
+    module = randomize(module, seed=0).double().eval()
     x = torch.randn(2, 16, *size, dtype=torch.float64)
     sd = module.state_dict()
     torch.testing.assert_close(module(x), x * sigmoid(theta_global_reference(x, sd)))
 
 
 def test_theta_global_default_feat_size_and_batch_one() -> None:
-    module = randomize(create("ge", 16)).double().eval()
+    module = randomize(create("ge", 16), seed=0).double().eval()
     assert module.feat_size == (7, 7)
     x = torch.randn(1, 16, 7, 7, dtype=torch.float64)
     ref = x * sigmoid(theta_global_reference(x, module.state_dict()))
@@ -146,7 +134,7 @@ def test_theta_global_default_feat_size_and_batch_one() -> None:
 
 
 def test_theta_global_kernel_resampled_to_other_sizes() -> None:
-    module = randomize(GatherExcite(16)).double().eval()
+    module = randomize(GatherExcite(16), seed=0).double().eval()
     sd = module.state_dict()
     w = sd["gather_weight"]  # (16, 1, 7, 7)
     # 14x14: each tap covers 2x2 positions, weights scaled by 49 / 196.
@@ -163,7 +151,7 @@ def test_theta_global_kernel_resampled_to_other_sizes() -> None:
 
 
 def test_theta_global_constant_map_invariance() -> None:
-    module = randomize(GatherExcite(8)).double().eval()
+    module = randomize(GatherExcite(8), seed=0).double().eval()
     gathered = [
         module.gathered(torch.full((1, 8, s, s), 0.7, dtype=torch.float64)) for s in (1, 7, 14)
     ]
@@ -191,7 +179,7 @@ def theta_extent_reference(
 @pytest.mark.parametrize("extent", [2, 4, 8])
 @pytest.mark.parametrize("size", [(7, 7), (5, 9), (1, 1)])
 def test_theta_extent_matches_reference(extent: int, size: tuple[int, int]) -> None:
-    module = randomize(GatherExcite(8, extent=extent)).double().eval()
+    module = randomize(GatherExcite(8, extent=extent), seed=0).double().eval()
     x = torch.randn(2, 8, *size, dtype=torch.float64)
     g = theta_extent_reference(x, module.state_dict(), extent)
     torch.testing.assert_close(module(x), x * sigmoid(upsample(g, size)))
@@ -200,7 +188,7 @@ def test_theta_extent_matches_reference(extent: int, size: tuple[int, int]) -> N
 @pytest.mark.parametrize("spatial_dims,size", [(1, (11,)), (3, (4, 5, 3))])
 def test_theta_extent_other_dims(spatial_dims: int, size: tuple[int, ...]) -> None:
     module = GatherExcite(8, extent=4, spatial_dims=spatial_dims)
-    module = randomize(module).double().eval()
+    module = randomize(module, seed=0).double().eval()
     x = torch.randn(1, 8, *size, dtype=torch.float64)
     g = theta_extent_reference(x, module.state_dict(), 4)
     torch.testing.assert_close(module(x), x * sigmoid(upsample(g, size)))
@@ -212,7 +200,7 @@ def test_theta_extent_other_dims(spatial_dims: int, size: tuple[int, ...]) -> No
 @pytest.mark.parametrize("spatial_dims,size", [(1, (6,)), (2, (6, 4)), (3, (2, 3, 2))])
 def test_plus_global_matches_reference(spatial_dims: int, size: tuple[int, ...]) -> None:
     module = create("ge_plus", 32, feat_size=size, spatial_dims=spatial_dims)
-    module = randomize(module).double().eval()
+    module = randomize(module, seed=0).double().eval()
     x = torch.randn(2, 32, *size, dtype=torch.float64)
     sd = module.state_dict()
     g = plus_excite(theta_global_reference(x, sd), sd)
@@ -220,7 +208,7 @@ def test_plus_global_matches_reference(spatial_dims: int, size: tuple[int, ...])
 
 
 def test_plus_extent_matches_reference() -> None:
-    module = randomize(create("ge_plus", 32, extent=2)).double().eval()
+    module = randomize(create("ge_plus", 32, extent=2), seed=0).double().eval()
     x = torch.randn(2, 32, 5, 9, dtype=torch.float64)
     sd = module.state_dict()
     g = plus_excite(theta_extent_reference(x, sd, 2), sd)
@@ -228,7 +216,7 @@ def test_plus_extent_matches_reference() -> None:
 
 
 def test_train_mode_uses_batch_statistics() -> None:
-    module = randomize(GatherExcite(8, feat_size=4)).double().train()
+    module = randomize(GatherExcite(8, feat_size=4), seed=0).double().train()
     x = torch.randn(4, 8, 4, 4, dtype=torch.float64)
     g = F.conv2d(x, module.gather_weight.detach(), groups=8)
     g = (g - g.mean(0, keepdim=True)) / torch.sqrt(g.var(0, correction=0, keepdim=True) + 1e-5)

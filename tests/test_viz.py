@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 import convattn
+from _reference import randomize
 from convattn import models, viz
 from convattn.layers._helpers import AttentionModule
 from convattn.viz import (
@@ -63,14 +64,6 @@ EXPECTED_KINDS: dict[str, set[str]] = {
 }
 
 H, W = 8, 6  # non-square on purpose: a transposed map cannot pass
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
-    return module
 
 
 def hooks_left(model: nn.Module) -> int:
@@ -161,7 +154,7 @@ def test_cifar_resnet_cbam_maps() -> None:
 
 
 def test_gc_flattened_softmax_reshaped_to_the_map() -> None:
-    gc = randomize(convattn.create("gc", 64)).eval()
+    gc = randomize(convattn.create("gc", 64), seed=0).eval()
     x = torch.randn(2, 64, H, W)
     with capture(gc) as maps, torch.no_grad():
         gc(x)
@@ -181,7 +174,7 @@ def test_layouts_rebuild_the_module_output() -> None:
     x = torch.randn(2, 64, H, W)
 
     def run(name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        module = randomize(convattn.create(name, 64)).eval()
+        module = randomize(convattn.create(name, 64), seed=0).eval()
         with capture(module) as maps, torch.no_grad():
             y = module(x)
         return y, {k: m.tensor for k, m in maps.items() if m.tensor is not None}
@@ -199,13 +192,13 @@ def test_layouts_rebuild_the_module_output() -> None:
     y, m = run("se")
     torch.testing.assert_close(y, x * m["gate"][:, :, None, None])
     y, m = run("da_channel")  # gamma * A X + x, A the (C, C) affinity
-    module = randomize(convattn.create("da_channel", 64))
+    module = randomize(convattn.create("da_channel", 64), seed=0)
     expected = module.gamma * torch.bmm(m["gate"], x.flatten(2)).reshape_as(x) + x
     torch.testing.assert_close(y, expected)
 
 
 def test_affinity_summary_and_keep_affinity() -> None:
-    block = randomize(convattn.create("nonlocal", 32)).eval()
+    block = randomize(convattn.create("nonlocal", 32), seed=0).eval()
     x = torch.randn(2, 32, H, W)
     with capture(block) as maps, torch.no_grad():
         block(x)
@@ -364,10 +357,10 @@ def assert_real_png(path: Path, min_colours: int = 50) -> None:
 
 def test_save_figures_every_kind(tmp_path: Path) -> None:
     model = nn.Sequential(
-        randomize(convattn.create("cbam", 32)),
-        randomize(convattn.create("sk", 32)),
-        randomize(convattn.create("da_channel", 32)),
-        randomize(convattn.create("nonlocal", 32)),
+        randomize(convattn.create("cbam", 32), seed=0),
+        randomize(convattn.create("sk", 32), seed=0),
+        randomize(convattn.create("da_channel", 32), seed=0),
+        randomize(convattn.create("nonlocal", 32), seed=0),
     ).eval()
     display, _ = load_image("chelsea", size=48)
     with capture(model) as maps, torch.no_grad():
