@@ -3,7 +3,7 @@ every block, reading the paper placement from ``convattn.placement``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from convattn import registry
 from convattn.placement import PLACEMENTS, paper_placement
 
-__all__ = ["AttentionArg", "AttentionFactory"]
+__all__ = ["AttentionArg", "AttentionFactory", "backbone_modules"]
 
 AttentionArg = str | type[nn.Module] | None
 
@@ -88,3 +88,12 @@ class AttentionFactory:
                 f"{self.owner}: placement {self.placement!r} is not available in this backbone; "
                 f"supported: {list(supported)}"
             )
+
+
+def backbone_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """The modules of ``model`` outside its attention modules, for the backbone's weight init
+    (attention modules keep their own, official, initialisation)."""
+    from convattn.layers._helpers import AttentionModule
+
+    inside = {id(s) for m in model.modules() if isinstance(m, AttentionModule) for s in m.modules()}
+    return (m for m in model.modules() if id(m) not in inside)

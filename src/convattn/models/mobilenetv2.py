@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from convattn.layers._helpers import make_divisible
-from convattn.models._attention import AttentionArg, AttentionFactory
+from convattn.models._attention import AttentionArg, AttentionFactory, backbone_modules
 
 __all__ = ["InvertedResidual", "MobileNetV2", "mobilenet_v2"]
 
@@ -137,14 +137,7 @@ class MobileNetV2(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        from convattn.layers._helpers import AttentionModule
-
-        inside = {
-            id(s) for m in self.modules() if isinstance(m, AttentionModule) for s in m.modules()
-        }
-        for m in self.modules():
-            if id(m) in inside:
-                continue
+        for m in backbone_modules(self):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
                 if m.bias is not None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convattn.models._attention import AttentionArg, AttentionFactory
+from convattn.models._attention import AttentionArg, AttentionFactory, backbone_modules
 
 __all__ = [
     "BasicBlock",
@@ -490,13 +490,7 @@ class CifarResNet(_ResNetBase):
 
 def _init_weights(model: nn.Module, zero_init_residual: bool, attention: str | None) -> None:
     """torchvision's initialisation, then the official attention-specific inits."""
-    from convattn.layers._helpers import AttentionModule
-
-    attention_modules = [m for m in model.modules() if isinstance(m, AttentionModule)]
-    inside_attention = {id(sub) for m in attention_modules for sub in m.modules()}
-    for m in model.modules():
-        if id(m) in inside_attention:
-            continue  # attention modules keep their own (official) initialisation
+    for m in backbone_modules(model):
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
