@@ -10,7 +10,10 @@ Three measurements, each side by side with every contender taking turns in every
 2. Training throughput, CIFAR ResNet-20 at batch 128 (forward, cross-entropy, backward):
    images/s with SE and CBAM relative to the plain network, for convattn's fast paths and for
    the direct implementation (``convattn.fast.set_fast_paths(model, False)``) and CBAM without
-   its memory-saving recomputation (``set_fast_paths(model, recompute=False)``).
+   its memory-saving recomputation (``set_fast_paths(model, recompute=False)``); then the
+   same networks through ``convattn.optimize(model, compile=True)``, each against the
+   compiled plain network (first compiles take about a minute in all; ``--no-compile``
+   skips them).
 3. Peak memory of a training step (forward + backward) of SE- and CBAM-ResNet-50: convattn,
    the direct implementation and timm, counted with ``convattn.profile.TensorMemoryTracker``
    on CPU (every tensor allocated during the step while it lives; parameters not counted) or
@@ -36,12 +39,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convattn.fast import set_fast_paths
+from convattn.fast import optimize, set_fast_paths
 from convattn.models import create_model
 from convattn.profile import TensorMemoryTracker
 
@@ -113,12 +117,16 @@ def infer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return step
 
 
-def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+def train_step(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, run: Callable[..., Any] | None = None
+) -> Callable[[], None]:
+    """One training step of ``model`` (called through ``run``, e.g. its compiled wrapper)."""
     model.train()
+    forward = model if run is None else run
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), target).backward()
+        F.cross_entropy(forward(x), target).backward()
 
     return step
 
@@ -175,18 +183,27 @@ def training_table(args: argparse.Namespace, device: torch.device) -> None:
         ("cbam no-rec.", convattn_model("cifar_resnet20", "cbam", recompute=False)),
     ]
     steps = [train_step(model.to(device), x, target) for _, model in entries]
+    compiled = [] if args.quick or args.no_compile else ["plain", "se", "cbam"]
+    for mech in compiled:  # optimize(compile=True), each against the compiled plain network
+        model = convattn_model("cifar_resnet20", None if mech == "plain" else mech).to(device)
+        entries.append((f"{mech} compiled", model))
+        steps.append(train_step(model, x, target, optimize(model, compile=True)))
     times = interleaved(steps, args.warmup, args.train_repeats, device)
     plain = times[0]
     print(f"\nTraining, CIFAR ResNet-20, batch {batch}: plain {batch / plain:.0f} images/s")
-    header = f"{'network':<12} {'images/s':>9} {'vs plain':>9} {'goal':>6} {'ok':>4}"
+    header = f"{'network':<14} {'images/s':>9} {'vs plain':>9} {'goal':>6} {'ok':>4}"
     print(header)
     print("-" * len(header))
+    base = {label: t for (label, _), t in zip(entries, times, strict=True)}
     for (label, _), t in zip(entries[1:], times[1:], strict=True):
-        ratio = plain / t
-        goal = TRAIN_GOALS.get(label)
+        if label == "plain compiled":
+            print(f"{label:<14} {batch / t:>9.0f} {plain / t:>9.3f}   (the base of the rows below)")
+            continue
+        ratio = (base["plain compiled"] if label.endswith("compiled") else plain) / t
+        goal = TRAIN_GOALS.get(label.removesuffix(" compiled"))
         goal_cell = "" if goal is None else f">={goal:.2f}"
         ok = "" if goal is None else ("yes" if ratio >= goal else "NO")
-        print(f"{label:<12} {batch / t:>9.0f} {ratio:>9.3f} {goal_cell:>6} {ok:>4}")
+        print(f"{label:<14} {batch / t:>9.0f} {ratio:>9.3f} {goal_cell:>6} {ok:>4}")
 
 
 def step_peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
@@ -247,6 +264,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--train-repeats", type=int, default=None)
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile training rows"
+    )
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["inference", "training", "memory"]
     )

@@ -293,3 +293,100 @@ def test_recompute_off_trains_cbam_the_direct_way() -> None:
         assert block_forward(block, x) is not None  # inference fast path still on
     with pytest.raises(TypeError, match="set_fast_paths: recompute"):
         set_fast_paths(model, recompute=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dims", [[1], [2, 3], [2]])
+def test_amax_backward_equals_autograd_including_ties(dims: list[int]) -> None:
+    """convattn's amax (CBAM's max pools) has the gradient of torch.amax exactly: shared
+    equally among tied maxima, and the fast branch without ties."""
+    from convattn.layers._helpers import amax
+
+    torch.manual_seed(0)
+    for ties in (False, True):
+        x = torch.randn(3, 5, 4, 4, dtype=torch.float64)
+        if ties:
+            x[:, :, 0, 0] = 5.0  # every channel ties at one position; whole maps tie too
+            x[0, :, 1, :] = 0.0
+            x[1] = 0.0
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = amax(a, dims)
+        expected = b.amax(dims, keepdim=True)
+        assert torch.equal(out, expected)
+        grad = torch.randn_like(expected)
+        out.backward(grad)
+        expected.backward(grad)
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-15)
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: amax(t, dims), (x,))
+
+
+@pytest.mark.parametrize("padding", [(3, 2), (0, 0), (6, 4), (1, 3)])
+def test_single_output_conv2d_gradients(padding: tuple[int, int]) -> None:
+    """The faster backward of spatial attention's k x k convolution against the numerical
+    Jacobian, twice differentiable, and equal to autograd's conv2d."""
+    from convattn.fast import _SingleOutputConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 9, 11, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, dtype=torch.float64, requires_grad=True)
+
+    def fast(*args: torch.Tensor) -> torch.Tensor:
+        return _SingleOutputConv2d.apply(*args, padding)  # type: ignore[no-any-return]
+
+    assert torch.autograd.gradcheck(fast, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fast, (x, weight, bias))
+    out = fast(x, weight, bias)
+    expected = F.conv2d(x, weight, bias, padding=padding)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, weight, bias), grad)
+    want = torch.autograd.grad(expected, (x, weight, bias), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_single_output_conv2d_applies_only_where_it_knows_how() -> None:
+    from convattn.fast import single_output_conv2d
+
+    x = torch.randn(2, 2, 8, 8, requires_grad=True)
+    conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+    assert single_output_conv2d(conv, x) is not None
+    with torch.no_grad():
+        assert single_output_conv2d(conv, x) is None  # no gradient: the module's own call
+    for other in (
+        nn.Conv2d(2, 2, 7, padding=3),
+        nn.Conv2d(2, 1, 7, padding=3, stride=2),
+        nn.Conv2d(2, 1, 3, padding=2, dilation=2),
+        nn.Conv2d(2, 1, 7, padding="same"),
+        nn.Conv2d(2, 1, 7, padding=3, padding_mode="reflect"),
+    ):
+        assert single_output_conv2d(other, x) is None
+    handle = conv.register_forward_hook(lambda *args: None)
+    try:
+        assert single_output_conv2d(conv, x) is None  # hooks see the module called
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", ["cbam", "spatial", "triplet", "cbam_channel"])
+def test_spatial_modules_train_alike_with_and_without_fast_backward(name: str) -> None:
+    """Modules whose max pools and k x k convolution take the faster backward give the
+    gradients of the plain calls (forced by a hook on every submodule) in float32."""
+    torch.manual_seed(0)
+    fast = convattn.create(name, 16).train()
+    plain = copy.deepcopy(fast)
+    handles = [m.register_forward_hook(lambda *args: None) for m in plain.modules()]
+    xa = torch.randn(4, 16, 12, 12, requires_grad=True)
+    xb = xa.detach().clone().requires_grad_()
+    ya, yb = fast(xa), plain(xb)
+    torch.testing.assert_close(ya, yb)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for (label, p), (_, q) in zip(fast.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=label)
+    for handle in handles:
+        handle.remove()

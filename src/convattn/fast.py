@@ -30,8 +30,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from convattn.layers._helpers import amax_backward
 from convattn.layers.cbam import CBAM
 from convattn.layers.channel import ChannelAttention
 from convattn.layers.gc import GlobalContext
@@ -48,6 +50,7 @@ __all__ = [
     "gate_residual_relu",
     "optimize",
     "set_fast_paths",
+    "single_output_conv2d",
 ]
 
 
@@ -71,12 +74,15 @@ def _global_hooks() -> bool:
     )
 
 
-def fast_paths_active(*modules: nn.Module) -> bool:
+def fast_paths_active(*modules: nn.Module, under_compile: bool = False) -> bool:
     """Whether a fast path may replace the plain calls of ``modules`` now: eager mode (not
-    scripting, tracing, exporting, FX tracing or compiling) and no hooks on any of them (nor global module hooks)."""
+    scripting, tracing, exporting, FX tracing or, unless ``under_compile``, compiling) and no
+    hooks on any of them (nor global module hooks)."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if torch.compiler.is_exporting():
+        return False
+    if torch.compiler.is_compiling() and not under_compile:
         return False
     if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
         return False
@@ -178,10 +184,9 @@ class _Recompute:
 def _amax_grad(
     values: torch.Tensor, result: torch.Tensor, grad: torch.Tensor, dims: list[int]
 ) -> torch.Tensor:
-    """Backward of ``values.amax(dims, keepdim=True)``: the gradient shared equally among the
-    positions that attain the maximum (as autograd's amax does)."""
-    mask = values == result
-    return mask * (grad / mask.sum(dims, keepdim=True))
+    """Backward of ``values.amax(dims, keepdim=True)`` (see
+    :func:`convattn.layers._helpers.amax_backward`)."""
+    return amax_backward(values, result, grad, dims)
 
 
 class _CbamChannelMax(torch.autograd.Function):
@@ -254,6 +259,72 @@ class _CbamApply(torch.autograd.Function):
         t = masked * sw
         grad_cw = torch.einsum("nchw,nchw->nc", t, x).view(cw.shape)
         return t.mul_(cw), grad_cw, grad_sw, masked, None
+
+
+class _SingleOutputConv2d(torch.autograd.Function):
+    """``conv2d(x, weight, bias, padding=padding)`` with stride 1, no dilation or groups and
+    one output channel (the k x k convolution of spatial attention), with a faster backward on
+    the CPU: oneDNN's transposed convolution (autograd's input gradient) is about 20x slower
+    than a forward convolution for one output channel, so the input gradient is computed as
+    a convolution with the flipped, transposed kernel, and the weight gradient as a
+    convolution of the input by the output gradient. Same values up to rounding; twice
+    differentiable (backward is made of differentiable operations)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        padding: tuple[int, int],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, 1, padding)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        (ph, pw), (kh, kw) = ctx.padding, weight.shape[2:]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(2, 3).transpose(0, 1)
+            grad_x = F.conv2d(grad, flipped, None, 1, (kh - 1 - ph, kw - 1 - pw))
+        if ctx.needs_input_grad[1]:
+            grad_w = F.conv2d(x.transpose(0, 1), grad.transpose(0, 1), None, 1, ctx.padding)
+            grad_w = grad_w.transpose(0, 1)
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+def single_output_conv2d(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``conv(x)`` through :class:`_SingleOutputConv2d` when a gradient will be computed on the
+    CPU and ``conv`` is a plain, unhooked ``nn.Conv2d`` with one output channel, stride 1, no
+    dilation or groups and zero padding of at most ``k - 1``; None otherwise (call ``conv``).
+    Taken under ``torch.compile`` too (the compiler's own convolution backward is the slow
+    one), never while scripting, tracing or exporting."""
+    if not (
+        torch.is_grad_enabled()
+        and type(conv) is nn.Conv2d
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and conv.out_channels == 1
+        and conv.groups == 1
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and all(0 <= p < k for p, k in zip(conv.padding, conv.kernel_size, strict=True))
+        and (x.requires_grad or conv.weight.requires_grad)
+        and fast_paths_active(conv, under_compile=True)
+    ):
+        return None
+    padding = (int(conv.padding[0]), int(conv.padding[1]))
+    y = _SingleOutputConv2d.apply(x, conv.weight, conv.bias, padding)
+    assert isinstance(y, torch.Tensor)  # for mypy: apply() is untyped
+    return y
 
 
 def _bn_train_forward(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -390,7 +461,7 @@ def _train_cbam_tail(
     peak = _CbamChannelMax.apply(x, recipe).flatten(1)
     cw = cg.gate(cg.excite(avg) + cg.excite(peak)).view(x.shape[0], -1, 1, 1)
     pooled = _CbamSpatialPool.apply(x, cw, recipe)
-    logits = sg.conv(pooled)
+    logits = sg.conv(pooled) if (fast := single_output_conv2d(sg.conv, pooled)) is None else fast
     if sg.bn is not None:
         logits = sg.bn(logits)
     sw = sg.gate(logits)

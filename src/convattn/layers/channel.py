@@ -13,6 +13,7 @@ from torch import nn
 from convattn.layers._helpers import (
     ActLayer,
     AttentionModule,
+    amax,
     check_choice,
     check_positive_int,
     create_act,
@@ -135,9 +136,9 @@ class ChannelAttention(AttentionModule):
         if self.pool == "avg":
             return [x.mean(dims)]
         if self.pool == "max":
-            return [x.amax(dims)]
+            return [amax(x, dims).flatten(1)]
         if self.pool == "avg+max":
-            return [x.mean(dims), x.amax(dims)]
+            return [x.mean(dims), amax(x, dims).flatten(1)]
         var = x.var(dims, correction=0)
         return [torch.sqrt(var + 1e-5)]
 

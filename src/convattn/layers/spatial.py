@@ -10,6 +10,7 @@ import torch
 
 from convattn.layers._helpers import (
     AttentionModule,
+    amax,
     batch_norm_nd,
     check_choice,
     check_positive_int,
@@ -83,15 +84,29 @@ class SpatialAttention(AttentionModule):
         if self.pool == "mean":
             return x.mean(1, keepdim=True)
         if self.pool == "max":
-            return x.amax(1, keepdim=True)
-        return torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+            return amax(x, [1])
+        return torch.cat([amax(x, [1]), x.mean(1, keepdim=True)], dim=1)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Spatial weights in (0, 1), shape (N, 1, *spatial)."""
-        logits = self.conv(self.describe(x))
+        logits = self._conv(self.describe(x))
         if self.bn is not None:
             logits = self.bn(logits)
         return self.gate(logits)
+
+    def _conv(self, pooled: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fast = self._fast_conv(pooled)
+            if fast is not None:
+                return fast
+        return self.conv(pooled)
+
+    @torch.jit.unused
+    def _fast_conv(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """The convolution with a faster CPU backward (``convattn.fast``), or None."""
+        from convattn.fast import single_output_conv2d
+
+        return single_output_conv2d(self.conv, pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

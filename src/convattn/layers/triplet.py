@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule, check_positive_int
+from convattn.layers._helpers import AttentionModule, amax, check_positive_int
 from convattn.registry import register
 
 __all__ = ["TripletAttention"]
@@ -35,7 +35,18 @@ class _ZPoolGate(nn.Module):
         self.gate = nn.Sigmoid()
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fast = self._fast_conv(pooled)
+            if fast is not None:
+                return self.gate(self.bn(fast))
         return self.gate(self.bn(self.conv(pooled)))
+
+    @torch.jit.unused
+    def _fast_conv(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """The convolution with a faster CPU backward (``convattn.fast``), or None."""
+        from convattn.fast import single_output_conv2d
+
+        return single_output_conv2d(self.conv, pooled)
 
 
 @register(
@@ -107,15 +118,15 @@ class TripletAttention(AttentionModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         # (C, W) plane: Z-pool over H -> (N, 2, C, W); gate broadcast back over H.
-        gate_cw = self.cw(torch.stack([x.amax(2), x.mean(2)], dim=1))
+        gate_cw = self.cw(torch.stack([amax(x, [2]).squeeze(2), x.mean(2)], dim=1))
         out = x * gate_cw.transpose(1, 2)
         # (H, C) plane: Z-pool over W -> (N, 2, H, C); gate (N, 1, H, C) -> (N, C, H, 1).
-        gate_hc = self.hc(torch.stack([x.amax(3), x.mean(3)], dim=1).transpose(2, 3))
+        gate_hc = self.hc(torch.stack([amax(x, [3]).squeeze(3), x.mean(3)], dim=1).transpose(2, 3))
         out = out + x * gate_hc.permute(0, 3, 2, 1)
         if self.hw is None:
             return out / 2
         # (H, W) plane: Z-pool over C -> (N, 2, H, W).
-        gate_hw = self.hw(torch.stack([x.amax(1), x.mean(1)], dim=1))
+        gate_hw = self.hw(torch.stack([amax(x, [1]).squeeze(1), x.mean(1)], dim=1))
         return (out + x * gate_hw) / 3
 
     def extra_repr(self) -> str:
