@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convattn.layers._helpers import amax_backward
+from convattn.layers._helpers import amax_backward, eager_mode
 from convattn.layers.cbam import CBAM
 from convattn.layers.channel import ChannelAttention
 from convattn.layers.gc import GlobalContext
@@ -78,13 +78,7 @@ def fast_paths_active(*modules: nn.Module, under_compile: bool = False) -> bool:
     """Whether a fast path may replace the plain calls of ``modules`` now: eager mode (not
     scripting, tracing, exporting, FX tracing or, unless ``under_compile``, compiling) and no
     hooks on any of them (nor global module hooks)."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return False
-    if torch.compiler.is_exporting():
-        return False
-    if torch.compiler.is_compiling() and not under_compile:
-        return False
-    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+    if not eager_mode(under_compile=under_compile):
         return False
     if _global_hooks():
         return False
@@ -181,14 +175,6 @@ class _Recompute:
         return self.x
 
 
-def _amax_grad(
-    values: torch.Tensor, result: torch.Tensor, grad: torch.Tensor, dims: list[int]
-) -> torch.Tensor:
-    """Backward of ``values.amax(dims, keepdim=True)`` (see
-    :func:`convattn.layers._helpers.amax_backward`)."""
-    return amax_backward(values, result, grad, dims)
-
-
 class _CbamChannelMax(torch.autograd.Function):
     """``x.amax((2, 3), keepdim=True)`` without saving ``x`` (rebuilt from the recipe)."""
 
@@ -204,7 +190,7 @@ class _CbamChannelMax(torch.autograd.Function):
         (out,) = ctx.saved_tensors
         x = ctx.recipe.get()
         ctx.recipe.x = None  # the last backward of the block: free the rebuilt map
-        return _amax_grad(x, out, grad, [2, 3]), None
+        return amax_backward(x, out, grad, [2, 3]), None
 
 
 class _CbamSpatialPool(torch.autograd.Function):
@@ -224,7 +210,7 @@ class _CbamSpatialPool(torch.autograd.Function):
         cw, out = ctx.saved_tensors
         x = ctx.recipe.get()
         x1 = x * cw
-        grad_x1 = _amax_grad(x1, out[:, :1], grad[:, :1], [1])
+        grad_x1 = amax_backward(x1, out[:, :1], grad[:, :1], [1])
         grad_x1 += grad[:, 1:] / x1.shape[1]
         del x1
         grad_cw = torch.einsum("nchw,nchw->nc", grad_x1, x).view(cw.shape)

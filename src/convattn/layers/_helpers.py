@@ -3,7 +3,7 @@ input checks and the common base class of every attention module."""
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ __all__ = [
     "ActLayer",
     "AttentionModule",
     "GroupNorm",
+    "SingleOutputConvMixin",
     "amax",
     "amax_backward",
     "at_least_float32",
@@ -21,6 +22,7 @@ __all__ = [
     "check_spatial_dims",
     "conv_nd",
     "create_act",
+    "eager_mode",
     "eca_kernel_size",
     "get_act_layer",
     "make_divisible",
@@ -284,16 +286,21 @@ class _Amax(torch.autograd.Function):
         return amax_backward(x, out, grad, ctx.dims), None
 
 
+def eager_mode(*, under_compile: bool = False) -> bool:
+    """Whether code runs as plain eager PyTorch now: not scripting, tracing, exporting, FX
+    tracing or (unless ``under_compile``) compiling. Fast paths are taken only then."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if torch.compiler.is_exporting():
+        return False
+    if torch.compiler.is_compiling() and not under_compile:
+        return False
+    return not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 @torch.jit.unused
 def _amax_eager(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    if (
-        torch.is_grad_enabled()
-        and x.requires_grad
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-    ):
+    if torch.is_grad_enabled() and x.requires_grad and eager_mode():
         out = _Amax.apply(x, dims)
         assert isinstance(out, torch.Tensor)  # for mypy: apply() is untyped
         return out
@@ -306,3 +313,26 @@ def amax(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     if not torch.jit.is_scripting():
         return _amax_eager(x, dims)
     return x.amax(dims, keepdim=True)
+
+
+class SingleOutputConvMixin:
+    """For a module whose ``self.conv`` is spatial attention's single-output k x k
+    convolution: :meth:`_conv` calls it with the faster CPU backward of
+    ``convattn.fast.single_output_conv2d`` where that applies, else plainly."""
+
+    if TYPE_CHECKING:  # not a class annotation: TorchScript would read it as an attribute type
+        conv: nn.Module
+
+    def _conv(self, pooled: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fast = self._fast_conv(pooled)
+            if fast is not None:
+                return fast
+        return self.conv(pooled)
+
+    @torch.jit.unused
+    def _fast_conv(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """The convolution with a faster CPU backward (``convattn.fast``), or None."""
+        from convattn.fast import single_output_conv2d
+
+        return single_output_conv2d(self.conv, pooled)

@@ -10,6 +10,7 @@ import torch
 
 from convattn.layers._helpers import (
     AttentionModule,
+    SingleOutputConvMixin,
     amax,
     batch_norm_nd,
     check_choice,
@@ -33,7 +34,7 @@ GATES = ("sigmoid", "hard_sigmoid")
     placement="anywhere a per-position reweighting fits; in a ResNet block after the last BN, before the residual add",
     summary="pool across channels (max, mean or both) -> k x k conv (+BN) -> sigmoid/hard-sigmoid -> multiply",
 )
-class SpatialAttention(AttentionModule):
+class SpatialAttention(SingleOutputConvMixin, AttentionModule):
     """Configurable spatial attention ``y = x * gate(norm(conv_k(pool_c(x))))``.
 
     Args:
@@ -93,20 +94,6 @@ class SpatialAttention(AttentionModule):
         if self.bn is not None:
             logits = self.bn(logits)
         return self.gate(logits)
-
-    def _conv(self, pooled: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            fast = self._fast_conv(pooled)
-            if fast is not None:
-                return fast
-        return self.conv(pooled)
-
-    @torch.jit.unused
-    def _fast_conv(self, pooled: torch.Tensor) -> torch.Tensor | None:
-        """The convolution with a faster CPU backward (``convattn.fast``), or None."""
-        from convattn.fast import single_output_conv2d
-
-        return single_output_conv2d(self.conv, pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -18,13 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convattn.layers._helpers import AttentionModule, amax, check_positive_int
+from convattn.layers._helpers import (
+    AttentionModule,
+    SingleOutputConvMixin,
+    amax,
+    check_positive_int,
+)
 from convattn.registry import register
 
 __all__ = ["TripletAttention"]
 
 
-class _ZPoolGate(nn.Module):
+class _ZPoolGate(SingleOutputConvMixin, nn.Module):
     """One branch: Z-pool over dim 1 of a rotated view, k x k conv (2 -> 1, no bias), BN
     (eps 1e-5, momentum 0.01, as the official code), sigmoid. Returns the gate, (N, 1, A, B)."""
 
@@ -35,18 +40,7 @@ class _ZPoolGate(nn.Module):
         self.gate = nn.Sigmoid()
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            fast = self._fast_conv(pooled)
-            if fast is not None:
-                return self.gate(self.bn(fast))
-        return self.gate(self.bn(self.conv(pooled)))
-
-    @torch.jit.unused
-    def _fast_conv(self, pooled: torch.Tensor) -> torch.Tensor | None:
-        """The convolution with a faster CPU backward (``convattn.fast``), or None."""
-        from convattn.fast import single_output_conv2d
-
-        return single_output_conv2d(self.conv, pooled)
+        return self.gate(self.bn(self._conv(pooled)))
 
 
 @register(
