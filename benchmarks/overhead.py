@@ -1,7 +1,11 @@
 """What attention costs inside a network: convattn (fast paths on) against timm, in one run.
 
-Three measurements, each side by side with every contender taking turns in every round
-(interleaved), medians reported:
+Three measurements, each side by side in one process: every network runs once a round, in
+an order shuffled each round, and every ratio is the median over rounds of that round's
+ratio (paired: both times taken seconds apart, so a machine-wide slowdown cancels). For
+inference, each contender is built ``--instances`` times (default 3) and a round's time is the
+mean over its instances: separately built networks of one architecture differ by a few
+percent on a CPU (memory placement), as much as the effects measured here.
 
 1. Inference overhead over the plain backbone, ResNet-50 at 224 px, batch 1 and 8, in eval
    mode under ``torch.inference_mode``: ``time(attention net) / time(plain net) - 1`` for
@@ -36,6 +40,7 @@ import functools
 import importlib.util
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -89,22 +94,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(
-    steps: list[Callable[[], object]], warmup: int, repeats: int, device: torch.device
-) -> list[float]:
-    """Median seconds of each step, the steps taking turns in every round."""
+def timed_rounds(
+    steps: list[Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    seed: int = 0,
+) -> list[list[float]]:
+    """Seconds of every step in every round: ``result[round][step]``. Every step runs once
+    a round, in an order shuffled anew each round (so no step always follows the same one)."""
     for _ in range(warmup):
         for step in steps:
             step()
     sync(device)
-    samples: list[list[float]] = [[] for _ in steps]
+    order = list(range(len(steps)))
+    rng = random.Random(seed)
+    rounds: list[list[float]] = []
     for _ in range(repeats):
-        for i, step in enumerate(steps):
+        rng.shuffle(order)
+        times = [0.0] * len(steps)
+        for i in order:
             start = time.perf_counter()
-            step()
+            steps[i]()
             sync(device)
-            samples[i].append(time.perf_counter() - start)
-    return [statistics.median(s) for s in samples]
+            times[i] = time.perf_counter() - start
+        rounds.append(times)
+    return rounds
+
+
+def paired_ratio(rounds: list[list[float]], num: list[int], den: list[int]) -> float:
+    """Median over rounds of ``mean time of steps num / mean time of steps den`` in that round.
+
+    Each round's ratio compares runs made seconds apart, so a machine-wide slowdown (which on
+    a shared 2-core machine moves a whole ResNet-50 by 30 % and more) cancels; averaging
+    several separately built instances per contender takes out the few-percent differences
+    between instances of one architecture (memory placement)."""
+    ratios = [
+        statistics.fmean(r[i] for i in num) / statistics.fmean(r[i] for i in den) for r in rounds
+    ]
+    return statistics.median(ratios)
+
+
+def median_time(rounds: list[list[float]], steps: list[int]) -> float:
+    """Median over rounds of the mean time of ``steps``."""
+    return statistics.median(statistics.fmean(r[i] for i in steps) for r in rounds)
 
 
 def infer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -134,21 +167,29 @@ def train_step(
 def inference_table(args: argparse.Namespace, device: torch.device) -> None:
     size = 112 if args.quick else 224
     names = ["plain", *GOALS]
-    ours = {m: convattn_model("resnet50", None if m == "plain" else m).to(device) for m in names}
-    theirs = {m: timm_resnet50(None if m == "plain" else m) for m in names}
-    theirs_dev = {m: t.to(device) for m, t in theirs.items() if t is not None}
+    # (library, mechanism) -> separately built instances
+    models: dict[tuple[str, str], list[nn.Module]] = {}
+    for m in names:
+        mech = None if m == "plain" else m
+        models["ca", m] = [
+            convattn_model("resnet50", mech).to(device) for _ in range(args.instances)
+        ]
+        theirs = [timm_resnet50(mech) for _ in range(args.instances)]
+        if all(t is not None for t in theirs):
+            models["timm", m] = [t.to(device) for t in theirs if t is not None]
     for batch in args.batches:
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device)
-        keys = [("ca", m) for m in names] + [("timm", m) for m in theirs_dev]
-        models = {("ca", m): ours[m] for m in names} | {
-            ("timm", m): t for m, t in theirs_dev.items()
-        }
-        steps = [infer_step(models[k], x) for k in keys]
-        times = dict(zip(keys, interleaved(steps, args.warmup, args.repeats, device), strict=True))
+        steps: list[Callable[[], object]] = []
+        index: dict[tuple[str, str], list[int]] = {}
+        for key, instances in models.items():
+            index[key] = list(range(len(steps), len(steps) + len(instances)))
+            steps += [infer_step(model, x) for model in instances]
+        rounds = timed_rounds(steps, args.warmup, args.repeats, device)
+        plain_ms = {lib: median_time(rounds, index[lib, "plain"]) * 1e3 for lib in ("ca", "timm")}
         print(
             f"\nInference, ResNet-50, {size} px, batch {batch}: plain convattn "
-            f"{times['ca', 'plain'] * 1e3:.1f} ms, plain timm {times['timm', 'plain'] * 1e3:.1f} ms"
+            f"{plain_ms['ca']:.1f} ms, plain timm {plain_ms['timm']:.1f} ms"
         )
         header = (
             f"{'mechanism':<10} {'convattn %':>10} {'timm %':>8} {'goal %':>7} "
@@ -157,12 +198,10 @@ def inference_table(args: argparse.Namespace, device: torch.device) -> None:
         print(header)
         print("-" * len(header))
         for m in GOALS:
-            ca = (times["ca", m] / times["ca", "plain"] - 1) * 100
-            tm = (
-                (times["timm", m] / times["timm", "plain"] - 1) * 100
-                if ("timm", m) in times
-                else None
-            )
+            ca = (paired_ratio(rounds, index["ca", m], index["ca", "plain"]) - 1) * 100
+            tm = None
+            if ("timm", m) in index:
+                tm = (paired_ratio(rounds, index["timm", m], index["timm", "plain"]) - 1) * 100
             tm_cell = "n/a" if tm is None else f"{tm:+.1f}"
             beats = "n/a" if tm is None else ("yes" if ca <= tm else "NO")
             ok = "yes" if ca <= GOALS[m] else "NO"
@@ -188,22 +227,25 @@ def training_table(args: argparse.Namespace, device: torch.device) -> None:
         model = convattn_model("cifar_resnet20", None if mech == "plain" else mech).to(device)
         entries.append((f"{mech} compiled", model))
         steps.append(train_step(model, x, target, optimize(model, compile=True)))
-    times = interleaved(steps, args.warmup, args.train_repeats, device)
-    plain = times[0]
+    rounds = timed_rounds(steps, args.warmup, args.train_repeats, device)
+    plain = median_time(rounds, [0])
     print(f"\nTraining, CIFAR ResNet-20, batch {batch}: plain {batch / plain:.0f} images/s")
     header = f"{'network':<14} {'images/s':>9} {'vs plain':>9} {'goal':>6} {'ok':>4}"
     print(header)
     print("-" * len(header))
-    base = {label: t for (label, _), t in zip(entries, times, strict=True)}
-    for (label, _), t in zip(entries[1:], times[1:], strict=True):
+    labels = [label for label, _ in entries]
+    for i, label in enumerate(labels[1:], start=1):
+        speed = batch / median_time(rounds, [i])
         if label == "plain compiled":
-            print(f"{label:<14} {batch / t:>9.0f} {plain / t:>9.3f}   (the base of the rows below)")
+            ratio = 1 / paired_ratio(rounds, [i], [0])
+            print(f"{label:<14} {speed:>9.0f} {ratio:>9.3f}   (the base of the rows below)")
             continue
-        ratio = (base["plain compiled"] if label.endswith("compiled") else plain) / t
+        base = labels.index("plain compiled") if label.endswith("compiled") else 0
+        ratio = 1 / paired_ratio(rounds, [i], [base])  # throughput ratio = inverse time ratio
         goal = TRAIN_GOALS.get(label.removesuffix(" compiled"))
         goal_cell = "" if goal is None else f">={goal:.2f}"
         ok = "" if goal is None else ("yes" if ratio >= goal else "NO")
-        print(f"{label:<14} {batch / t:>9.0f} {ratio:>9.3f} {goal_cell:>6} {ok:>4}")
+        print(f"{label:<14} {speed:>9.0f} {ratio:>9.3f} {goal_cell:>6} {ok:>4}")
 
 
 def step_peak_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
@@ -265,6 +307,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--train-repeats", type=int, default=None)
     parser.add_argument(
+        "--instances",
+        type=int,
+        default=None,
+        help="separately built networks per inference contender, averaged in every round",
+    )
+    parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile training rows"
     )
     parser.add_argument(
@@ -273,6 +321,10 @@ def main() -> None:
     args = parser.parse_args()
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
+    if args.instances is None:
+        args.instances = 1 if args.quick else 3
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
     if args.train_repeats is None:
         args.train_repeats = 2 if args.quick else 10
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -286,8 +338,9 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(
         f"convattn attention overhead: torch {torch.__version__}, device {device} ({where}), "
-        f"{torch.get_num_threads()} thread(s), load average {load:.2f}, medians of "
-        f"{args.repeats} (inference) / {args.train_repeats} (training) interleaved rounds"
+        f"{torch.get_num_threads()} thread(s), load average {load:.2f}; ratios are medians "
+        f"over {args.repeats} (inference, {args.instances} instance(s) per network) / "
+        f"{args.train_repeats} (training) rounds of per-round paired ratios"
     )
     if "inference" not in args.skip:
         inference_table(args, device)
