@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convattn
+from _reference import randomize
 from convattn.fast import (
     BNGateResidualReLU,
     block_forward,
@@ -390,3 +391,127 @@ def test_spatial_modules_train_alike_with_and_without_fast_backward(name: str) -
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=label)
     for handle in handles:
         handle.remove()
+
+
+# Inference gates without module calls (convattn.fast._channel_gate and friends): each is
+# checked against the module's own attention method, the plain reference of the layer files.
+
+EVAL_GATES = [
+    ("se", {}),
+    ("channel", {"pool": "max"}),
+    ("channel", {"pool": "avg+max", "gate_layer": "hard_sigmoid"}),
+    ("cbam_channel", {}),
+    ("eca", {}),
+    ("channel", {"pool": "std"}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), EVAL_GATES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_channel_gate_equals_module_attention(
+    name: str, options: dict[str, object], dtype: torch.dtype
+) -> None:
+    from convattn.fast import _channel_gate
+
+    torch.manual_seed(0)
+    attn = randomize(convattn.create(name, 32, **options)).to(dtype).eval()
+    x = torch.randn(3, 32, 9, 7, dtype=dtype)
+    with torch.no_grad():
+        expected = attn.attention(x).reshape(3, 32, 1, 1)
+        torch.testing.assert_close(_channel_gate(attn, x), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("spatial", {}), ("spatial", {"pool": "max", "kernel_size": 3, "bias": True}), ("sse", {})],
+)
+def test_eval_spatial_gate_equals_module_attention(name: str, options: dict[str, object]) -> None:
+    from convattn.fast import _spatial_gate
+
+    torch.manual_seed(0)
+    attn = randomize(convattn.create(name, 16, **options)).eval()
+    x = torch.randn(2, 16, 11, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(_spatial_gate(attn, x), attn.attention(x))
+
+
+@pytest.mark.parametrize("pooling_type", ["att", "avg"])
+def test_eval_gc_term_equals_module(pooling_type: str) -> None:
+    from convattn.fast import _gc_add_term
+
+    torch.manual_seed(0)
+    attn = randomize(convattn.create("gc", 64, pooling_type=pooling_type)).eval()
+    x = torch.randn(2, 64, 6, 5)
+    with torch.no_grad():
+        expected = attn.channel_add_conv(attn.context(x))
+        torch.testing.assert_close(_gc_add_term(attn, x), expected)
+
+
+def test_conv_to_one_equals_the_convolution() -> None:
+    from convattn.fast import _conv_to_one
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 10, 12)
+    for conv in (
+        nn.Conv2d(8, 1, 1),
+        nn.Conv2d(8, 1, 1, bias=False),
+        nn.Conv2d(8, 1, 7, padding=3, bias=False),
+        nn.Conv2d(8, 1, (3, 5), padding=(1, 0)),
+        nn.Conv2d(8, 2, 1),  # not to one channel: the module's own call
+        nn.Conv2d(8, 1, 3, stride=2),
+    ):
+        with torch.no_grad():
+            torch.testing.assert_close(_conv_to_one(conv, x), conv(x))
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(8, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(_conv_to_one(conv, channels_last), conv(x))
+
+
+@pytest.mark.parametrize(
+    ("attention", "inner"),
+    [
+        ("se", "fc1"),
+        ("se", "gate"),
+        ("cbam", "spatial_gate.conv"),
+        ("cbam", "channel_gate.fc2"),
+        ("gc", "conv_mask"),
+        ("gc", "channel_add_conv.1"),
+        ("scse", "sse.conv"),
+    ],
+)
+def test_eval_fast_path_calls_hooked_inner_modules(attention: str, inner: str) -> None:
+    """A hook on a layer inside the attention still fires on the fast path, once per block,
+    and the outputs stay those of the direct code."""
+    fast, direct = _pair("resnet18", attention)
+    fast.eval()
+    direct.eval()
+    calls: list[int] = []
+    handles = [
+        attn.get_submodule(inner).register_forward_hook(lambda *args: calls.append(1))
+        for attn in (b.attn for b in fast.modules() if isinstance(b, _Block))
+    ]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), direct(x), rtol=1e-12, atol=1e-12)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == len(handles) == 8
+
+
+@pytest.mark.parametrize("attention", ["se", "cbam", "gc", "scse"])
+def test_eval_fast_path_leaves_a_hooked_batchnorm_output_alone(attention: str) -> None:
+    """The fast path writes the gated result into the last BatchNorm's output, except when a
+    hook on that BatchNorm may have kept it."""
+    fast, direct = _pair("resnet18", attention)
+    fast.eval()
+    direct.eval()
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    fast.layer1[0].bn2.register_forward_hook(lambda m, a, out: kept.append((out, out.clone())))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), direct(x), rtol=1e-12, atol=1e-12)
+    assert len(kept) == 1
+    assert torch.equal(kept[0][0], kept[0][1])

@@ -85,16 +85,22 @@ def fast_paths_active(*modules: nn.Module, under_compile: bool = False) -> bool:
     return not any(_has_hooks(m) for m in modules)
 
 
-def gate_residual_relu(x: torch.Tensor, gate: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+def gate_residual_relu(
+    x: torch.Tensor, gate: torch.Tensor, identity: torch.Tensor, *, inplace: bool = False
+) -> torch.Tensor:
     """``relu(x * gate + identity)`` in one pass (``gate`` broadcasts against ``x``).
 
     Differentiable through autograd like the plain expression; the fused single-pass form is
-    used when no gradient is recorded."""
+    used when no gradient is recorded, written into ``x`` when ``inplace`` (for an ``x`` that
+    the caller made and nothing else holds)."""
     if torch.is_grad_enabled() and (
         x.requires_grad or gate.requires_grad or identity.requires_grad
     ):
         return torch.relu(x * gate + identity)
-    out = torch.addcmul(identity, x, gate) if identity.shape == x.shape else x * gate + identity
+    if identity.shape == x.shape:
+        out = torch.addcmul(identity, x, gate, out=x if inplace else None)
+    else:
+        out = x * gate + identity
     return out.relu_()
 
 
@@ -332,46 +338,219 @@ def _channel_weights(attn: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
     return weights.reshape(weights.shape + (1,) * (x.dim() - 2))
 
 
+# Inference gates without module calls. At batch 1 on a CPU every small operation inside a
+# network costs tens of microseconds (its code and data are cold after the convolutions), so
+# the dozen module calls of a gate and oneDNN's slow 1x1 convolution to one channel are a
+# large part of what attention adds. The functions below compute the same gates as the
+# modules' ``attention`` methods with plain tensor operations, for the exact layer types they
+# know and only while those layers carry no hooks; anything else is called as a module.
+
+
+def _overrides(module: nn.Module, base: type, *names: str) -> bool:
+    """Whether ``module``'s class replaces any of ``base``'s methods ``names``."""
+    return any(getattr(type(module), name) is not getattr(base, name) for name in names)
+
+
+def _linear(fc: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``fc(z)`` for a 2-D ``z``: one ``addmm`` for an unhooked ``nn.Linear`` or 1x1
+    ``nn.Conv2d`` (the latter as if applied to ``z`` viewed as ``(N, C, 1, 1)``)."""
+    if not _has_hooks(fc):
+        weight = None
+        if type(fc) is nn.Linear:
+            weight = fc.weight
+        elif (
+            type(fc) is nn.Conv2d
+            and fc.kernel_size == (1, 1)
+            and fc.padding == (0, 0)
+            and fc.groups == 1
+        ):
+            weight = fc.weight.flatten(1)
+        if weight is not None:
+            bias = fc.bias
+            if not isinstance(bias, torch.Tensor):
+                return torch.mm(z, weight.t())
+            return torch.addmm(bias, z, weight.t())
+    if isinstance(fc, nn.Conv2d):
+        return fc(z.view(*z.shape, 1, 1)).flatten(1)
+    return fc(z)
+
+
+def _activation(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``act(t)``, in place on ``t`` (a fresh tensor of the caller's) for unhooked ReLU,
+    Sigmoid and Hardsigmoid."""
+    if not _has_hooks(act):
+        kind = type(act)
+        if kind is nn.ReLU:
+            return t.relu_()
+        if kind is nn.Sigmoid:
+            return t.sigmoid_()
+        if kind is nn.Hardsigmoid:
+            return F.hardsigmoid(t, inplace=True)
+    return act(t)
+
+
+def _conv_to_one(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for an inference convolution to one channel: a 1x1 one (sSE's squeeze,
+    GC's context mask) as one matrix product over the channels, a k x k one (spatial
+    attention's) on the CPU through ATen's own unfold-and-multiply convolution. oneDNN's
+    convolution is slower for one output channel (on this project's 2-core CPU: 100-180 us a
+    call against 60-130 us for CBAM's 7 x 7 inside ResNet-50 at batch 1; 100-220 us against
+    10-60 us for the 1 x 1 over 256-2048 channels). Other convolutions go through the module."""
+    if not (
+        type(conv) is nn.Conv2d
+        and conv.out_channels == 1
+        and conv.groups == 1
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and x.dim() == 4
+        and x.is_contiguous()
+        and not _has_hooks(conv)
+    ):
+        return conv(x)
+    n, c, h, w = x.shape
+    if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
+        out = torch.matmul(conv.weight.view(1, c), x.view(n, c, h * w))
+        if conv.bias is not None:
+            out.add_(conv.bias.view(1, 1, 1))
+        return out.view(n, 1, h, w)
+    if x.device.type != "cpu":
+        return conv(x)
+    kernel, padding = list(conv.kernel_size), [int(p) for p in conv.padding]
+    return torch.ops.aten.thnn_conv2d(x, conv.weight, kernel, conv.bias, [1, 1], padding)
+
+
+def _batch_norm_eval(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` for an eval-mode ``nn.BatchNorm2d`` with running statistics, functionally."""
+    if (
+        type(bn) is nn.BatchNorm2d
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and not _has_hooks(bn)
+    ):
+        return F.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
+    return bn(x)
+
+
+def _channel_gate(attn: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
+    """``attn``'s channel weights for ``x``, shaped ``(N, C, 1, ...)``: the MLP excitation of
+    average, max or average + max pooling (both descriptors through one pair of matrix
+    products) without module calls; other configurations through ``attn.attention``."""
+    if (
+        not hasattr(attn, "fc1")
+        or attn.pool == "std"
+        or _overrides(attn, ChannelAttention, "attention", "describe", "excite")
+    ):
+        return _channel_weights(attn, x)
+    n, c = x.shape[0], x.shape[1]
+    dims = list(range(2, x.dim()))
+    if attn.pool == "avg":
+        z = x.mean(dims)
+    elif attn.pool == "max":
+        z = x.amax(dims)
+    else:
+        z = torch.cat([x.mean(dims), x.amax(dims)])
+    logits = _linear(attn.fc2, _activation(attn.act, _linear(attn.fc1, z)))
+    if attn.pool == "avg+max":
+        logits = logits[:n] + logits[n:]  # MLP(avg) + MLP(max)
+    return _activation(attn.gate, logits).view((n, c) + (1,) * (x.dim() - 2))
+
+
+def _spatial_gate(attn: SpatialAttention | SpatialSE, x: torch.Tensor) -> torch.Tensor:
+    """``attn.attention(x)`` (spatial weights, ``(N, 1, H, W)``) without module calls."""
+    if isinstance(attn, SpatialSE):
+        if _overrides(attn, SpatialSE, "attention"):
+            return attn.attention(x)
+        return _activation(attn.gate, _conv_to_one(attn.conv, x))
+    if _overrides(attn, SpatialAttention, "attention", "describe"):
+        return attn.attention(x)
+    logits = _conv_to_one(attn.conv, attn.describe(x))
+    if attn.bn is not None:
+        logits = _batch_norm_eval(attn.bn, logits)
+    return _activation(attn.gate, logits)
+
+
+def _gc_add_term(attn: GlobalContext, x: torch.Tensor) -> torch.Tensor:
+    """GC's ``T_add(c)`` for ``x``, ``(N, C, 1, 1)``, without module calls where the context
+    pooling and the transform are the standard layers."""
+    transform = attn.channel_add_conv
+    assert transform is not None  # checked by the caller
+    if _overrides(attn, GlobalContext, "context") or attn.conv_mask is None:
+        context = attn.context(x)
+    else:
+        n, c = x.shape[0], x.shape[1]
+        scores = _conv_to_one(attn.conv_mask, x).reshape(n, 1, -1)
+        gate = attn.gate
+        assert gate is not None  # set together with conv_mask
+        plain_softmax = type(gate) is nn.Softmax and gate.dim == 2 and not _has_hooks(gate)
+        weights = torch.softmax(scores, 2) if plain_softmax else gate(scores)
+        pooled = torch.matmul(x.reshape(n, c, -1), weights.transpose(1, 2))
+        context = pooled.reshape([n, c] + [1] * (x.dim() - 2))
+    layers: list[nn.Module] = list(transform)
+    norm = layers[1] if len(layers) == 4 else None
+    if (
+        type(transform) is nn.Sequential
+        and not _has_hooks(transform)
+        and isinstance(norm, nn.LayerNorm)
+        and type(norm) is nn.LayerNorm
+        and not _has_hooks(norm)
+        and norm.normalized_shape == (attn.rd_channels, 1, 1)
+    ):
+        conv1, _, act, conv2 = layers
+        h = _linear(conv1, context.flatten(1))
+        weight = None if norm.weight is None else norm.weight.view(-1)
+        bias = None if norm.bias is None else norm.bias.view(-1)
+        h = F.layer_norm(h, (h.shape[1],), weight, bias, norm.eps)
+        return _linear(conv2, _activation(act, h)).view(context.shape)
+    return transform(context)
+
+
 def _eval_attention_tail(
-    attn: nn.Module, out: torch.Tensor, identity: torch.Tensor
+    attn: nn.Module, out: torch.Tensor, identity: torch.Tensor, owned: bool = False
 ) -> torch.Tensor | None:
-    """``relu(attn(out) + identity)`` fused, for known attention types; None otherwise."""
+    """``relu(attn(out) + identity)`` fused, for known attention types; None otherwise.
+    ``owned``: ``out`` is a fresh tensor of the block's, free to be overwritten."""
     if identity.shape != out.shape:
         return None
     if isinstance(attn, ChannelAttention):
         attn._check_input(out)
-        return gate_residual_relu(out, _channel_weights(attn, out), identity)
+        return gate_residual_relu(out, _channel_gate(attn, out), identity, inplace=owned)
     if isinstance(attn, (SpatialAttention, SpatialSE)):
         attn._check_input(out)
-        return gate_residual_relu(out, attn.attention(out), identity)
+        return gate_residual_relu(out, _spatial_gate(attn, out), identity, inplace=owned)
     if isinstance(attn, CBAM):
         cg, sg = attn.channel_gate, attn.spatial_gate
-        if not fast_paths_active(cg, sg):
+        if _has_hooks(cg) or _has_hooks(sg):
             return None
         attn._check_input(out)
-        x1 = out * _channel_weights(cg, out)
-        return gate_residual_relu(x1, sg.attention(x1), identity)
+        weights = _channel_gate(cg, out)
+        gated = out.mul_(weights) if owned else out * weights
+        return gate_residual_relu(gated, _spatial_gate(sg, gated), identity, inplace=True)
     if isinstance(attn, ChannelSpatialSE):
-        if not fast_paths_active(attn.cse, attn.sse):
+        if _has_hooks(attn.cse) or _has_hooks(attn.sse):
             return None
         attn._check_input(out)
-        fused = out * _channel_weights(attn.cse, out)
-        spatial_weights = attn.sse.attention(out)
+        fused = out * _channel_gate(attn.cse, out)
+        spatial_weights = _spatial_gate(attn.sse, out)
+        spatial = out.mul_(spatial_weights) if owned else out * spatial_weights
         if attn.fusion == "max":
-            torch.maximum(fused, out * spatial_weights, out=fused)
+            torch.maximum(fused, spatial, out=fused)
         else:
-            fused.addcmul_(out, spatial_weights)
+            fused.add_(spatial)
         return fused.add_(identity).relu_()
     if (
         isinstance(attn, GlobalContext)
         and attn.fusion_types == ("add",)
         and attn.channel_add_conv is not None
     ):
-        if not fast_paths_active(attn.channel_add_conv):
-            return None
         attn._check_input(out)
-        term = attn.channel_add_conv(attn.context(out))
-        return torch.add(out, identity).add_(term).relu_()
+        term = _gc_add_term(attn, out)
+        summed = out.add_(identity) if owned else torch.add(out, identity)
+        return summed.add_(term).relu_()
     return None
 
 
@@ -499,7 +678,9 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         return result
     if block.conv3 is not None and block.bn3 is not None:
         out = block.bn3(out)
-    result = _eval_attention_tail(attn, out, identity)
+    # a BatchNorm's eval output is a new tensor nobody else holds (unless a hook kept it)
+    owned = type(last_bn) is nn.BatchNorm2d and not _has_hooks(last_bn)
+    result = _eval_attention_tail(attn, out, identity, owned)
     if result is None:
         result = block.relu(attn(out) + identity)
     return result
