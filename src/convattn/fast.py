@@ -13,13 +13,19 @@ Inference (no autograd graph), ResNet blocks with block-end attention:
   applied together with the residual add and the ReLU, ``relu(addcmul(identity, x, g))``,
   one pass over the feature map instead of three;
 - CBAM: the channel gate's product, then the spatial gate fused with residual and ReLU;
-- GC with ``add`` fusion: ``relu(x + identity + t)`` written into one new tensor.
+- GC with ``add`` fusion: ``relu(x + identity + t)``;
+- the gates themselves without module calls (known layer types, no hooks on them), the
+  result written into the last BatchNorm's output instead of a new tensor.
 
 Training (autograd on), ResNet blocks with SE / ECA-style attention (average-pooled channel
 gate) after a training-mode BatchNorm: :class:`BNGateResidualReLU` applies
 ``relu(BN(c) * g + identity)`` saving only ``c`` (which the BatchNorm saves anyway), the
 per-channel statistics, the small gate and the block output; ``BN(c)`` is recomputed in
 backward instead of being kept, one full feature map per block less than the plain graph.
+
+Blocks without attention add the residual in place into the last BatchNorm's output (as
+torchvision does), in inference and training, so that the plain backbone that attention's
+overhead is measured against is as fast as torchvision's and timm's.
 
 Layer files and blocks route through :func:`block_forward`; :func:`optimize` switches the
 fast paths on or off, converts to channels_last and wraps in ``torch.compile`` on request.
@@ -641,7 +647,7 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
     if not getattr(block, "fast_path", True):
         return None
     attn: nn.Module = block.attn
-    if isinstance(attn, nn.Identity) or not fast_paths_active(block, attn, block.relu):
+    if not fast_paths_active(block, attn, block.relu):
         return None
     grad = torch.is_grad_enabled()
     if grad and not block.training:
@@ -649,11 +655,21 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
     last_bn: nn.Module = block.bn2
     if block.conv3 is not None and block.bn3 is not None:
         last_bn = block.bn3
-    if grad and (
-        not isinstance(last_bn, nn.BatchNorm2d)
-        or not (
-            (isinstance(attn, ChannelAttention) and attn.pool == "avg")
-            or (isinstance(attn, CBAM) and getattr(block, "fast_recompute", True))
+    # A BatchNorm's output is a new tensor that nobody else holds (unless a hook kept it) and
+    # that its backward does not need: the residual can be added into it in place.
+    owned = type(last_bn) is nn.BatchNorm2d and not _has_hooks(last_bn)
+    plain = isinstance(attn, nn.Identity)
+    if plain and not owned:
+        return None
+    if (
+        grad
+        and not plain
+        and (
+            not isinstance(last_bn, nn.BatchNorm2d)
+            or not (
+                (isinstance(attn, ChannelAttention) and attn.pool == "avg")
+                or (isinstance(attn, CBAM) and getattr(block, "fast_recompute", True))
+            )
         )
     ):
         return None  # the training fast path knows only these; decide before any compute
@@ -666,6 +682,11 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         out = block.bn2(out)
     if block.downsample is not None:
         identity = block.downsample(block.pre_downsample(x))
+    if plain:  # no attention: torchvision's in-place residual add
+        if block.conv3 is not None or grad:
+            out = last_bn(out)
+        out += identity
+        return block.relu(out)
     if grad:
         if isinstance(attn, CBAM):
             result = None
@@ -678,8 +699,6 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         return result
     if block.conv3 is not None and block.bn3 is not None:
         out = block.bn3(out)
-    # a BatchNorm's eval output is a new tensor nobody else holds (unless a hook kept it)
-    owned = type(last_bn) is nn.BatchNorm2d and not _has_hooks(last_bn)
     result = _eval_attention_tail(attn, out, identity, owned)
     if result is None:
         result = block.relu(attn(out) + identity)
