@@ -395,6 +395,19 @@ def _activation(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return act(t)
 
 
+def _matmul_images(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(a, b)`` for a batch ``b`` of ``(K, M)`` matrices and ``a`` either one
+    ``(P, K)`` matrix or a batch: one 2-D product per image, written into one output. Inside
+    ResNet-50 at batch 8 the batched product was about 6x slower (it page-faulted a buffer the
+    size of the feature map on every call)."""
+    if a.dim() == 2:
+        a = a.expand(b.shape[0], *a.shape)
+    out = torch.empty(b.shape[0], a.shape[1], b.shape[2], dtype=b.dtype, device=b.device)
+    for i in range(b.shape[0]):
+        torch.mm(a[i], b[i], out=out[i])
+    return out
+
+
 def _conv_to_one(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for an inference convolution to one channel: a 1x1 one (sSE's squeeze,
     GC's context mask) as one matrix product over the channels, a k x k one (spatial
@@ -417,7 +430,7 @@ def _conv_to_one(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     n, c, h, w = x.shape
     if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
-        out = torch.matmul(conv.weight.view(1, c), x.view(n, c, h * w))
+        out = _matmul_images(conv.weight.view(1, c), x.view(n, c, h * w))
         if conv.bias is not None:
             out.add_(conv.bias.view(1, 1, 1))
         return out.view(n, 1, h, w)
@@ -494,7 +507,7 @@ def _gc_add_term(attn: GlobalContext, x: torch.Tensor) -> torch.Tensor:
         assert gate is not None  # set together with conv_mask
         plain_softmax = type(gate) is nn.Softmax and gate.dim == 2 and not _has_hooks(gate)
         weights = torch.softmax(scores, 2) if plain_softmax else gate(scores)
-        pooled = torch.matmul(x.reshape(n, c, -1), weights.transpose(1, 2))
+        pooled = _matmul_images(x.reshape(n, c, -1), weights.transpose(1, 2))
         context = pooled.reshape([n, c] + [1] * (x.dim() - 2))
     layers: list[nn.Module] = list(transform)
     norm = layers[1] if len(layers) == 4 else None
