@@ -528,6 +528,22 @@ def _gc_add_term(attn: GlobalContext, x: torch.Tensor) -> torch.Tensor:
     return transform(context)
 
 
+def _scse_fuse(
+    x: torch.Tensor,
+    channel_weights: torch.Tensor,
+    spatial_weights: torch.Tensor,
+    fusion: str,
+    out: torch.Tensor,
+) -> None:
+    """``out = max(x * cw, x * sw)`` (or the sum) for one image; ``out`` may be ``x``."""
+    recalibrated = x * channel_weights
+    spatial = torch.mul(x, spatial_weights, out=out)
+    if fusion == "max":
+        torch.maximum(spatial, recalibrated, out=out)
+    else:
+        out.add_(recalibrated)
+
+
 def _eval_attention_tail(
     attn: nn.Module, out: torch.Tensor, identity: torch.Tensor, owned: bool = False
 ) -> torch.Tensor | None:
@@ -553,13 +569,11 @@ def _eval_attention_tail(
         if _has_hooks(attn.cse) or _has_hooks(attn.sse):
             return None
         attn._check_input(out)
-        fused = out * _channel_gate(attn.cse, out)
+        channel_weights = _channel_gate(attn.cse, out)
         spatial_weights = _spatial_gate(attn.sse, out)
-        spatial = out.mul_(spatial_weights) if owned else out * spatial_weights
-        if attn.fusion == "max":
-            torch.maximum(fused, spatial, out=fused)
-        else:
-            fused.add_(spatial)
+        fused = out if owned else torch.empty_like(out)
+        for i in range(out.shape[0]):  # one image's temporary at a time, not the batch's
+            _scse_fuse(out[i], channel_weights[i], spatial_weights[i], attn.fusion, fused[i])
         return fused.add_(identity).relu_()
     if (
         isinstance(attn, GlobalContext)
