@@ -322,6 +322,38 @@ def test_amax_backward_equals_autograd_including_ties(dims: list[int]) -> None:
     assert torch.autograd.gradcheck(lambda t: amax(t, dims), (x,))
 
 
+@pytest.mark.parametrize("dims", [[1], [2, 3]])
+@pytest.mark.parametrize("used", ["both", "mean", "max"])
+def test_mean_amax_backward_equals_autograd_including_ties(dims: list[int], used: str) -> None:
+    """convattn's (mean, amax) pair (CBAM's two descriptors) has autograd's gradient of the
+    two separate reductions, with ties, and when only one of the two is used."""
+    from convattn.layers._helpers import mean_amax
+
+    torch.manual_seed(0)
+    for ties in (False, True):
+        x = torch.randn(3, 5, 4, 4, dtype=torch.float64)
+        if ties:
+            x[:, :, 0, 0] = 5.0
+            x[0, :, 1, :] = 0.0
+            x[1] = 0.0
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        mean, peak = mean_amax(a, dims)
+        expected = (b.mean(dims, keepdim=True), b.amax(dims, keepdim=True))
+        assert torch.equal(mean, expected[0]) and torch.equal(peak, expected[1])
+        g_mean, g_max = torch.randn_like(mean), torch.randn_like(peak)
+        if used == "both":
+            (mean * g_mean).sum().add((peak * g_max).sum()).backward()
+            (expected[0] * g_mean).sum().add((expected[1] * g_max).sum()).backward()
+        else:
+            index, g = (0, g_mean) if used == "mean" else (1, g_max)
+            ((mean, peak)[index] * g).sum().backward()
+            (expected[index] * g).sum().backward()
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-15)
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mean_amax(t, dims), (x,))
+
+
 @pytest.mark.parametrize("padding", [(3, 2), (0, 0), (6, 4), (1, 3)])
 def test_single_output_conv2d_gradients(padding: tuple[int, int]) -> None:
     """The faster backward of spatial attention's k x k convolution against the numerical

@@ -26,6 +26,8 @@ __all__ = [
     "eca_kernel_size",
     "get_act_layer",
     "make_divisible",
+    "mean_amax",
+    "mean_amax_backward",
     "reduced_channels",
     "spatial_numel",
     "unsqueeze_spatial",
@@ -261,12 +263,38 @@ def amax_backward(
     Autograd counts the maxima of every reduced slice (a boolean-to-float conversion, a sum
     and a division over the whole map); here they are counted only when some slice has
     more than one, which a single count of all maxima tells."""
-    mask = x == result
-    out = torch.where(mask, grad, 0)
-    slices = result.numel()
-    if int(torch.count_nonzero(mask)) != slices:  # ties: share the gradient
-        out = out / mask.sum(dims, keepdim=True, dtype=out.dtype)
-    return out
+    return mean_amax_backward(x, result, None, grad, dims)
+
+
+def mean_amax_backward(
+    x: torch.Tensor,
+    result_max: torch.Tensor,
+    grad_mean: torch.Tensor | None,
+    grad_max: torch.Tensor | None,
+    dims: list[int],
+) -> torch.Tensor:
+    """Gradient of the pair ``(x.mean(dims, keepdim=True), x.amax(dims, keepdim=True))``
+    (CBAM's two descriptors of one map) for their output gradients, either of which may be
+    None: ``where(x == max, g_max / ties + g_mean / n, g_mean / n)``, one pass over the map
+    where autograd makes four (the mean's expanded division, the max's mask and selection,
+    and the sum of the two). Equal to autograd's values: the same quotients and the same
+    single addition per element."""
+    if grad_max is None:
+        assert grad_mean is not None  # autograd calls backward only with some gradient
+        count = 1
+        for d in dims:
+            count *= x.shape[d]
+        return (grad_mean / count).expand_as(x)
+    mask = x == result_max
+    if int(torch.count_nonzero(mask)) != result_max.numel():  # ties: share the gradient
+        grad_max = grad_max / mask.sum(dims, keepdim=True, dtype=grad_max.dtype)
+    if grad_mean is None:
+        return torch.where(mask, grad_max, 0)
+    count = 1
+    for d in dims:
+        count *= x.shape[d]
+    share = grad_mean / count
+    return torch.where(mask, grad_max + share, share)
 
 
 class _Amax(torch.autograd.Function):
@@ -284,6 +312,26 @@ class _Amax(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         x, out = ctx.saved_tensors
         return amax_backward(x, out, grad, ctx.dims), None
+
+
+class _MeanAmax(torch.autograd.Function):
+    """``(x.mean(dims, keepdim=True), x.amax(dims, keepdim=True))`` with
+    :func:`mean_amax_backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = x.mean(dims, keepdim=True)
+        peak = x.amax(dims, keepdim=True)
+        ctx.dims = dims
+        ctx.save_for_backward(x, peak)
+        return mean, peak
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_mean: torch.Tensor | None, grad_max: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None]:
+        x, peak = ctx.saved_tensors
+        return mean_amax_backward(x, peak, grad_mean, grad_max, ctx.dims), None
 
 
 def eager_mode(*, under_compile: bool = False) -> bool:
@@ -313,6 +361,22 @@ def amax(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     if not torch.jit.is_scripting():
         return _amax_eager(x, dims)
     return x.amax(dims, keepdim=True)
+
+
+@torch.jit.unused
+def _mean_amax_eager(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.is_grad_enabled() and x.requires_grad and eager_mode():
+        mean, peak = _MeanAmax.apply(x, dims)
+        return mean, peak
+    return x.mean(dims, keepdim=True), x.amax(dims, keepdim=True)
+
+
+def mean_amax(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x.mean(dims, keepdim=True), x.amax(dims, keepdim=True))``; in eager autograd with
+    the single-pass, equal backward of :func:`mean_amax_backward`."""
+    if not torch.jit.is_scripting():
+        return _mean_amax_eager(x, dims)
+    return x.mean(dims, keepdim=True), x.amax(dims, keepdim=True)
 
 
 class SingleOutputConvMixin:

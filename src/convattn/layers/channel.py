@@ -18,6 +18,7 @@ from convattn.layers._helpers import (
     check_positive_int,
     create_act,
     eca_kernel_size,
+    mean_amax,
     reduced_channels,
     unsqueeze_spatial,
 )
@@ -138,7 +139,8 @@ class ChannelAttention(AttentionModule):
         if self.pool == "max":
             return [amax(x, dims).flatten(1)]
         if self.pool == "avg+max":
-            return [x.mean(dims), amax(x, dims).flatten(1)]
+            avg, peak = mean_amax(x, dims)
+            return [avg.flatten(1), peak.flatten(1)]
         var = x.var(dims, correction=0)
         return [torch.sqrt(var + 1e-5)]
 

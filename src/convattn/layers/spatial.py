@@ -16,6 +16,7 @@ from convattn.layers._helpers import (
     check_choice,
     check_positive_int,
     conv_nd,
+    mean_amax,
 )
 from convattn.registry import register
 
@@ -86,7 +87,8 @@ class SpatialAttention(SingleOutputConvMixin, AttentionModule):
             return x.mean(1, keepdim=True)
         if self.pool == "max":
             return amax(x, [1])
-        return torch.cat([amax(x, [1]), x.mean(1, keepdim=True)], dim=1)
+        mean, peak = mean_amax(x, [1])
+        return torch.cat([peak, mean], dim=1)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Spatial weights in (0, 1), shape (N, 1, *spatial)."""
