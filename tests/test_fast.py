@@ -435,6 +435,7 @@ EVAL_GATES = [
     ("cbam_channel", {}),
     ("eca", {}),
     ("channel", {"pool": "std"}),
+    ("channel", {"excitation": "conv1d", "pool": "avg+max", "kernel_size": 5}),
 ]
 
 
@@ -505,6 +506,7 @@ def test_conv_to_one_equals_the_convolution() -> None:
     [
         ("se", "fc1"),
         ("se", "gate"),
+        ("eca", "conv"),
         ("cbam", "spatial_gate.conv"),
         ("cbam", "channel_gate.fc2"),
         ("gc", "conv_mask"),

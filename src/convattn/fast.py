@@ -457,14 +457,12 @@ def _batch_norm_eval(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _channel_gate(attn: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
-    """``attn``'s channel weights for ``x``, shaped ``(N, C, 1, ...)``: the MLP excitation of
-    average, max or average + max pooling (both descriptors through one pair of matrix
-    products) without module calls; other configurations through ``attn.attention``."""
-    if (
-        not hasattr(attn, "fc1")
-        or attn.pool == "std"
-        or _overrides(attn, ChannelAttention, "attention", "describe", "excite")
-    ):
+    """``attn``'s channel weights for ``x``, shaped ``(N, C, 1, ...)``: average, max or
+    average + max pooling (both descriptors through one pass of the excitation), the MLP as
+    matrix products and ECA's 1-D convolution as one call, without the module methods in
+    between; the std pool and subclasses that change those methods through
+    ``attn.attention``."""
+    if attn.pool == "std" or _overrides(attn, ChannelAttention, "attention", "describe", "excite"):
         return _channel_weights(attn, x)
     n, c = x.shape[0], x.shape[1]
     dims = list(range(2, x.dim()))
@@ -474,9 +472,12 @@ def _channel_gate(attn: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
         z = x.amax(dims)
     else:
         z = torch.cat([x.mean(dims), x.amax(dims)])
-    logits = _linear(attn.fc2, _activation(attn.act, _linear(attn.fc1, z)))
+    if hasattr(attn, "fc1"):
+        logits = _linear(attn.fc2, _activation(attn.act, _linear(attn.fc1, z)))
+    else:
+        logits = attn.conv(z.unsqueeze(1)).squeeze(1)
     if attn.pool == "avg+max":
-        logits = logits[:n] + logits[n:]  # MLP(avg) + MLP(max)
+        logits = logits[:n] + logits[n:]  # excite(avg) + excite(max)
     return _activation(attn.gate, logits).view((n, c) + (1,) * (x.dim() - 2))
 
 
