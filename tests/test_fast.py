@@ -549,3 +549,26 @@ def test_eval_fast_path_leaves_a_hooked_batchnorm_output_alone(attention: str) -
         torch.testing.assert_close(fast(x), direct(x), rtol=1e-12, atol=1e-12)
     assert len(kept) == 1
     assert torch.equal(kept[0][0], kept[0][1])
+
+
+def test_batch_mean_var_equals_var_mean_with_its_gradient() -> None:
+    """CBAM's training path takes BatchNorm's batch statistics from a two-pass mean and
+    variance with a one-pass backward: equal to torch.var_mean and its autograd gradient."""
+    from convattn.fast import _BatchMeanVar
+
+    torch.manual_seed(0)
+    c = (torch.randn(4, 3, 5, 6, dtype=torch.float64) * 3 + 7).requires_grad_()
+    mean, var = _BatchMeanVar.apply(c)
+    ref_var, ref_mean = torch.var_mean(c, (0, 2, 3), correction=0, keepdim=True)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=0)
+    for weights in ((1.0, 1.0), (0.0, 1.0), (1.0, 0.0)):
+        g_mean, g_var = (torch.randn_like(mean) * w for w in weights)
+        loss = (mean * g_mean).sum() + (var * g_var).sum()
+        ref_loss = (ref_mean * g_mean).sum() + (ref_var * g_var).sum()
+        got = torch.autograd.grad(loss, c, retain_graph=True)[0]
+        want = torch.autograd.grad(ref_loss, c, retain_graph=True)[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(_BatchMeanVar.apply, (c.detach()[:2, :, :3].requires_grad_(),))
+    (grad,) = torch.autograd.grad(_BatchMeanVar.apply(c)[0].sum(), c)  # variance unused
+    torch.testing.assert_close(grad, torch.full_like(c, 1 / 120))

@@ -612,10 +612,37 @@ def _train_attention_tail(
     return y
 
 
+class _BatchMeanVar(torch.autograd.Function):
+    """Per-channel batch mean and (biased) variance of ``c`` ``(N, C, H, W)``, each shaped
+    ``(1, C, 1, 1)``: the variance in two passes around the mean (as accurate as
+    ``torch.var_mean``, whose one-pass Welford kernel is about 4x slower on the CPU here),
+    and the backward in one pass, ``dc = g_mean / M + 2 g_var (c - mean) / M``."""
+
+    @staticmethod
+    def forward(ctx: Any, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = c.mean((0, 2, 3), keepdim=True)
+        var = (c - mean).square_().mean((0, 2, 3), keepdim=True)
+        ctx.save_for_backward(c, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None
+    ) -> torch.Tensor:
+        c, mean = ctx.saved_tensors
+        count = c.numel() // c.shape[1]
+        shift = torch.zeros_like(mean) if grad_mean is None else grad_mean / count
+        if grad_var is None:
+            return shift.expand_as(c)
+        slope = grad_var * (2 / count)
+        return torch.addcmul(shift - slope * mean, c, slope)
+
+
 def _bn_train_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable per-channel ``scale, shift`` of a training-mode BatchNorm on ``c``
     (batch statistics), updating the running statistics as ``nn.BatchNorm2d`` does."""
-    var, mean = torch.var_mean(c, (0, 2, 3), correction=0)
+    mean, var = _BatchMeanVar.apply(c)
+    mean, var = mean.view(-1), var.view(-1)
     if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.num_batches_tracked is not None:
