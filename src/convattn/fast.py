@@ -171,13 +171,23 @@ class BNGateResidualReLU(torch.autograd.Function):
 class _Recompute:
     """How a CBAM block's fast path rebuilds ``x = c * scale + shift`` in backward (bit-exact:
     the same operation on the same tensors as in forward), and a slot to share the rebuilt
-    tensor between the backward passes of one block (the last one to run clears it)."""
+    tensor between the backward passes of one block (the last one to run clears it).
+
+    ``gated`` hands the channel-gated map ``x * cw`` from the spatial pool to the final
+    product in forward, and back from the final product to the spatial pool in backward, so
+    that each direction computes it once; whoever takes it clears the slot."""
 
     def __init__(self, c: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
         self.c = c
         self.scale = scale
         self.shift = shift
         self.x: torch.Tensor | None = None
+        self.gated: torch.Tensor | None = None
+
+    def take_gated(self, cw: torch.Tensor) -> torch.Tensor:
+        """``x * cw``: the handed-over tensor (the caller owns it now) or a new one."""
+        gated, self.gated = self.gated, None
+        return self.get() * cw if gated is None else gated
 
     def get(self) -> torch.Tensor:
         if self.x is None:
@@ -215,6 +225,7 @@ class _CbamSpatialPool(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, cw: torch.Tensor, recipe: _Recompute) -> torch.Tensor:
         x1 = x * cw
         out = torch.cat([x1.amax(1, keepdim=True), x1.mean(1, keepdim=True)], dim=1)
+        recipe.gated = x1  # for _CbamApply's forward
         ctx.recipe = recipe
         ctx.save_for_backward(cw, out)
         return out
@@ -223,7 +234,7 @@ class _CbamSpatialPool(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         cw, out = ctx.saved_tensors
         x = ctx.recipe.get()
-        x1 = x * cw
+        x1 = ctx.recipe.take_gated(cw)  # from _CbamApply's backward
         grad_x1 = mean_amax_backward(x1, out[:, :1], grad[:, 1:], grad[:, :1], [1])
         del x1
         grad_cw = (grad_x1 * x).sum((2, 3), keepdim=True)
@@ -242,7 +253,8 @@ class _CbamApply(torch.autograd.Function):
         identity: torch.Tensor,
         recipe: _Recompute,
     ) -> torch.Tensor:
-        y = torch.addcmul(identity, x * cw, sw).relu_()
+        gated = x * cw if recipe.gated is None else recipe.take_gated(cw)
+        y = torch.addcmul(identity, gated, sw, out=gated).relu_()
         ctx.recipe = recipe
         ctx.save_for_backward(cw, sw, y)
         return y
@@ -252,8 +264,10 @@ class _CbamApply(torch.autograd.Function):
         cw, sw, y = ctx.saved_tensors
         x = ctx.recipe.get()
         masked = torch.ops.aten.threshold_backward(grad, y, 0)
-        prod = x * cw
-        grad_sw = prod.mul_(masked).sum(1, keepdim=True)
+        gated = x * cw
+        ctx.recipe.gated = gated  # for _CbamSpatialPool's backward
+        prod = masked * gated
+        grad_sw = prod.sum(1, keepdim=True)
         t = masked * sw
         grad_cw = torch.mul(t, x, out=prod).sum((2, 3), keepdim=True)
         del prod
