@@ -33,7 +33,7 @@ fast paths on or off, converts to channels_last and wraps in ``torch.compile`` o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -312,6 +312,20 @@ class _SingleOutputConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _is_plain_conv_to_one(conv: nn.Module) -> TypeGuard[nn.Conv2d]:
+    """Whether ``conv`` is exactly an ``nn.Conv2d`` to one output channel with stride 1, no
+    dilation or groups and explicit zero padding (spatial attention's and sSE's convolution)."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.out_channels == 1
+        and conv.groups == 1
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
 def single_output_conv2d(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``conv(x)`` through :class:`_SingleOutputConv2d` when a gradient will be computed on the
     CPU and ``conv`` is a plain, unhooked ``nn.Conv2d`` with one output channel, stride 1, no
@@ -320,15 +334,10 @@ def single_output_conv2d(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | Non
     one), never while scripting, tracing or exporting."""
     if not (
         torch.is_grad_enabled()
-        and type(conv) is nn.Conv2d
+        and _is_plain_conv_to_one(conv)
         and x.device.type == "cpu"
         and x.dim() == 4
-        and conv.out_channels == 1
-        and conv.groups == 1
-        and conv.stride == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
+        and not isinstance(conv.padding, str)  # (checked in the helper; narrows the type)
         and all(0 <= p < k for p, k in zip(conv.padding, conv.kernel_size, strict=True))
         and (x.requires_grad or conv.weight.requires_grad)
         and fast_paths_active(conv, under_compile=True)
@@ -431,16 +440,7 @@ def _conv_to_one(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     call against 60-130 us for CBAM's 7 x 7 inside ResNet-50 at batch 1; 100-220 us against
     10-60 us for the 1 x 1 over 256-2048 channels). Other convolutions go through the module."""
     if not (
-        type(conv) is nn.Conv2d
-        and conv.out_channels == 1
-        and conv.groups == 1
-        and conv.stride == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and x.dim() == 4
-        and x.is_contiguous()
-        and not _has_hooks(conv)
+        _is_plain_conv_to_one(conv) and x.dim() == 4 and x.is_contiguous() and not _has_hooks(conv)
     ):
         return conv(x)
     n, c, h, w = x.shape
