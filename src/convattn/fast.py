@@ -373,7 +373,8 @@ def _channel_weights(attn: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
 # the dozen module calls of a gate and oneDNN's slow 1x1 convolution to one channel are a
 # large part of what attention adds. The functions below compute the same gates as the
 # modules' ``attention`` methods with plain tensor operations, for the exact layer types they
-# know and only while those layers carry no hooks; anything else is called as a module.
+# know and only while none of a gate's layers carries a hook (a hook may keep a tensor that
+# the in-place steps below would overwrite); otherwise the module's own method runs.
 
 
 def _overrides(module: nn.Module, base: type, *names: str) -> bool:
@@ -381,41 +382,38 @@ def _overrides(module: nn.Module, base: type, *names: str) -> bool:
     return any(getattr(type(module), name) is not getattr(base, name) for name in names)
 
 
+def _any_hooks(*modules: nn.Module | None) -> bool:
+    return any(m is not None and _has_hooks(m) for m in modules)
+
+
 def _linear(fc: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """``fc(z)`` for a 2-D ``z``: one ``addmm`` for an unhooked ``nn.Linear`` or 1x1
-    ``nn.Conv2d`` (the latter as if applied to ``z`` viewed as ``(N, C, 1, 1)``)."""
-    if not _has_hooks(fc):
-        weight = None
-        if type(fc) is nn.Linear:
-            weight = fc.weight
-        elif (
-            type(fc) is nn.Conv2d
-            and fc.kernel_size == (1, 1)
-            and fc.padding == (0, 0)
-            and fc.groups == 1
-        ):
-            weight = fc.weight.flatten(1)
-        if weight is not None:
-            bias = fc.bias
-            if not isinstance(bias, torch.Tensor):
-                return torch.mm(z, weight.t())
-            return torch.addmm(bias, z, weight.t())
+    """``fc(z)`` for a 2-D ``z``: one ``addmm`` for an ``nn.Linear`` or 1x1 ``nn.Conv2d`` (the
+    latter as if applied to ``z`` viewed as ``(N, C, 1, 1)``)."""
+    weight = None
+    if type(fc) is nn.Linear:
+        weight = fc.weight
+    elif type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.padding == (0, 0):
+        weight = fc.weight.flatten(1) if fc.groups == 1 else None
+    if weight is not None:
+        bias = fc.bias
+        if not isinstance(bias, torch.Tensor):
+            return torch.mm(z, weight.t())
+        return torch.addmm(bias, z, weight.t())
     if isinstance(fc, nn.Conv2d):
         return fc(z.view(*z.shape, 1, 1)).flatten(1)
     return fc(z)
 
 
 def _activation(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """``act(t)``, in place on ``t`` (a fresh tensor of the caller's) for unhooked ReLU,
-    Sigmoid and Hardsigmoid."""
-    if not _has_hooks(act):
-        kind = type(act)
-        if kind is nn.ReLU:
-            return t.relu_()
-        if kind is nn.Sigmoid:
-            return t.sigmoid_()
-        if kind is nn.Hardsigmoid:
-            return F.hardsigmoid(t, inplace=True)
+    """``act(t)``, in place on ``t`` (a fresh tensor of the caller's) for ReLU, Sigmoid and
+    Hardsigmoid."""
+    kind = type(act)
+    if kind is nn.ReLU:
+        return t.relu_()
+    if kind is nn.Sigmoid:
+        return t.sigmoid_()
+    if kind is nn.Hardsigmoid:
+        return F.hardsigmoid(t, inplace=True)
     return act(t)
 
 
@@ -439,9 +437,7 @@ def _conv_to_one(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     convolution is slower for one output channel (on this project's 2-core CPU: 100-180 us a
     call against 60-130 us for CBAM's 7 x 7 inside ResNet-50 at batch 1; 100-220 us against
     10-60 us for the 1 x 1 over 256-2048 channels). Other convolutions go through the module."""
-    if not (
-        _is_plain_conv_to_one(conv) and x.dim() == 4 and x.is_contiguous() and not _has_hooks(conv)
-    ):
+    if not (_is_plain_conv_to_one(conv) and x.dim() == 4 and x.is_contiguous()):
         return conv(x)
     n, c, h, w = x.shape
     if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
@@ -462,7 +458,6 @@ def _batch_norm_eval(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and not bn.training
         and bn.running_mean is not None
         and bn.running_var is not None
-        and not _has_hooks(bn)
     ):
         return F.batch_norm(
             x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
@@ -476,7 +471,12 @@ def _channel_gate(attn: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
     matrix products and ECA's 1-D convolution as one call, without the module methods in
     between; the std pool and subclasses that change those methods through
     ``attn.attention``."""
-    if attn.pool == "std" or _overrides(attn, ChannelAttention, "attention", "describe", "excite"):
+    excitation = (attn.fc1, attn.act, attn.fc2) if hasattr(attn, "fc1") else (attn.conv,)
+    if (
+        attn.pool == "std"
+        or _overrides(attn, ChannelAttention, "attention", "describe", "excite")
+        or _any_hooks(*excitation, attn.gate)
+    ):
         return _channel_weights(attn, x)
     n, c = x.shape[0], x.shape[1]
     dims = list(range(2, x.dim()))
@@ -498,10 +498,12 @@ def _channel_gate(attn: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
 def _spatial_gate(attn: SpatialAttention | SpatialSE, x: torch.Tensor) -> torch.Tensor:
     """``attn.attention(x)`` (spatial weights, ``(N, 1, H, W)``) without module calls."""
     if isinstance(attn, SpatialSE):
-        if _overrides(attn, SpatialSE, "attention"):
+        if _overrides(attn, SpatialSE, "attention") or _any_hooks(attn.conv, attn.gate):
             return attn.attention(x)
         return _activation(attn.gate, _conv_to_one(attn.conv, x))
-    if _overrides(attn, SpatialAttention, "attention", "describe"):
+    if _overrides(attn, SpatialAttention, "attention", "describe") or _any_hooks(
+        attn.conv, attn.bn, attn.gate
+    ):
         return attn.attention(x)
     logits = _conv_to_one(attn.conv, attn.describe(x))
     if attn.bn is not None:
@@ -514,26 +516,30 @@ def _gc_add_term(attn: GlobalContext, x: torch.Tensor) -> torch.Tensor:
     pooling and the transform are the standard layers."""
     transform = attn.channel_add_conv
     assert transform is not None  # checked by the caller
-    if _overrides(attn, GlobalContext, "context") or attn.conv_mask is None:
+    if (
+        _overrides(attn, GlobalContext, "context")
+        or attn.conv_mask is None
+        or _any_hooks(attn.conv_mask, attn.gate)
+    ):
         context = attn.context(x)
     else:
         n, c = x.shape[0], x.shape[1]
         scores = _conv_to_one(attn.conv_mask, x).reshape(n, 1, -1)
         gate = attn.gate
         assert gate is not None  # set together with conv_mask
-        plain_softmax = type(gate) is nn.Softmax and gate.dim == 2 and not _has_hooks(gate)
-        weights = torch.softmax(scores, 2) if plain_softmax else gate(scores)
+        weights = (
+            torch.softmax(scores, 2) if type(gate) is nn.Softmax and gate.dim == 2 else gate(scores)
+        )
         pooled = _matmul_images(x.reshape(n, c, -1), weights.transpose(1, 2))
         context = pooled.reshape([n, c] + [1] * (x.dim() - 2))
     layers: list[nn.Module] = list(transform)
     norm = layers[1] if len(layers) == 4 else None
     if (
         type(transform) is nn.Sequential
-        and not _has_hooks(transform)
         and isinstance(norm, nn.LayerNorm)
         and type(norm) is nn.LayerNorm
-        and not _has_hooks(norm)
         and norm.normalized_shape == (attn.rd_channels, 1, 1)
+        and not _any_hooks(transform, *layers)
     ):
         conv1, _, act, conv2 = layers
         h = _linear(conv1, context.flatten(1))
