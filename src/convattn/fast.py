@@ -69,6 +69,10 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+def _any_hooks(*modules: nn.Module | None) -> bool:
+    return any(m is not None and _has_hooks(m) for m in modules)
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module as module_mod
 
@@ -88,7 +92,7 @@ def fast_paths_active(*modules: nn.Module, under_compile: bool = False) -> bool:
         return False
     if _global_hooks():
         return False
-    return not any(_has_hooks(m) for m in modules)
+    return not _any_hooks(*modules)
 
 
 def gate_residual_relu(
@@ -184,10 +188,10 @@ class _Recompute:
         self.x: torch.Tensor | None = None
         self.gated: torch.Tensor | None = None
 
-    def take_gated(self, cw: torch.Tensor) -> torch.Tensor:
+    def take_gated(self, x: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
         """``x * cw``: the handed-over tensor (the caller owns it now) or a new one."""
         gated, self.gated = self.gated, None
-        return self.get() * cw if gated is None else gated
+        return x * cw if gated is None else gated
 
     def get(self) -> torch.Tensor:
         if self.x is None:
@@ -234,7 +238,7 @@ class _CbamSpatialPool(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         cw, out = ctx.saved_tensors
         x = ctx.recipe.get()
-        x1 = ctx.recipe.take_gated(cw)  # from _CbamApply's backward
+        x1 = ctx.recipe.take_gated(x, cw)  # from _CbamApply's backward
         grad_x1 = mean_amax_backward(x1, out[:, :1], grad[:, 1:], grad[:, :1], [1])
         del x1
         grad_cw = (grad_x1 * x).sum((2, 3), keepdim=True)
@@ -253,7 +257,7 @@ class _CbamApply(torch.autograd.Function):
         identity: torch.Tensor,
         recipe: _Recompute,
     ) -> torch.Tensor:
-        gated = x * cw if recipe.gated is None else recipe.take_gated(cw)
+        gated = recipe.take_gated(x, cw)  # from _CbamSpatialPool's forward
         y = torch.addcmul(identity, gated, sw, out=gated).relu_()
         ctx.recipe = recipe
         ctx.save_for_backward(cw, sw, y)
@@ -349,16 +353,22 @@ def single_output_conv2d(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | Non
     return y
 
 
-def _bn_train_forward(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``bn(c)`` in training mode, exactly as ``nn.BatchNorm2d.forward`` (running-stat update
-    included), also returning the batch mean and inverse std it normalised with."""
+def _bn_momentum(bn: nn.BatchNorm2d) -> float:
+    """The running-statistics factor of one training step of ``bn``, counting the step in
+    ``num_batches_tracked`` as ``nn.BatchNorm2d.forward`` does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
+    return factor
+
+
+def _bn_train_forward(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``bn(c)`` in training mode, exactly as ``nn.BatchNorm2d.forward`` (running-stat update
+    included), also returning the batch mean and inverse std it normalised with."""
     out, mean, invstd = torch.native_batch_norm(
-        c, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, factor, bn.eps
+        c, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, _bn_momentum(bn), bn.eps
     )
     return out, mean.detach(), invstd.detach()
 
@@ -382,18 +392,19 @@ def _overrides(module: nn.Module, base: type, *names: str) -> bool:
     return any(getattr(type(module), name) is not getattr(base, name) for name in names)
 
 
-def _any_hooks(*modules: nn.Module | None) -> bool:
-    return any(m is not None and _has_hooks(m) for m in modules)
-
-
 def _linear(fc: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """``fc(z)`` for a 2-D ``z``: one ``addmm`` for an ``nn.Linear`` or 1x1 ``nn.Conv2d`` (the
     latter as if applied to ``z`` viewed as ``(N, C, 1, 1)``)."""
     weight = None
     if type(fc) is nn.Linear:
         weight = fc.weight
-    elif type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.padding == (0, 0):
-        weight = fc.weight.flatten(1) if fc.groups == 1 else None
+    elif (
+        type(fc) is nn.Conv2d
+        and fc.kernel_size == (1, 1)
+        and fc.padding == (0, 0)
+        and fc.groups == 1
+    ):
+        weight = fc.weight.flatten(1)
     if weight is not None:
         bias = fc.bias
         if not isinstance(bias, torch.Tensor):
@@ -581,14 +592,14 @@ def _eval_attention_tail(
         return gate_residual_relu(out, _spatial_gate(attn, out), identity, inplace=owned)
     if isinstance(attn, CBAM):
         cg, sg = attn.channel_gate, attn.spatial_gate
-        if _has_hooks(cg) or _has_hooks(sg):
+        if _any_hooks(cg, sg):
             return None
         attn._check_input(out)
         weights = _channel_gate(cg, out)
         gated = out.mul_(weights) if owned else out * weights
         return gate_residual_relu(gated, _spatial_gate(sg, gated), identity, inplace=True)
     if isinstance(attn, ChannelSpatialSE):
-        if _has_hooks(attn.cse) or _has_hooks(attn.sse):
+        if _any_hooks(attn.cse, attn.sse):
             return None
         attn._check_input(out)
         channel_weights = _channel_gate(attn.cse, out)
@@ -664,22 +675,13 @@ def _bn_train_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor,
     mean, var = _BatchMeanVar.apply(c)
     mean, var = mean.view(-1), var.view(-1)
     if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                factor = 1.0 / float(bn.num_batches_tracked)
+        factor = _bn_momentum(bn)
         count = c.numel() // c.shape[1]
         with torch.no_grad():
             unbiased = var * (count / max(count - 1, 1))
             bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
             bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+    scale, shift = _bn_affine(bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps))
     return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
@@ -708,7 +710,7 @@ def _train_cbam_tail(
     cw = cg.gate(cg.excite(avg.flatten(1)) + cg.excite(peak.flatten(1)))
     cw = cw.view(x.shape[0], -1, 1, 1)
     pooled = _CbamSpatialPool.apply(x, cw, recipe)
-    logits = sg.conv(pooled) if (fast := single_output_conv2d(sg.conv, pooled)) is None else fast
+    logits = sg._conv(pooled)
     if sg.bn is not None:
         logits = sg.bn(logits)
     sw = sg.gate(logits)

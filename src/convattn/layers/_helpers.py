@@ -279,21 +279,15 @@ def mean_amax_backward(
     where autograd makes four (the mean's expanded division, the max's mask and selection,
     and the sum of the two). Equal to autograd's values: the same quotients and the same
     single addition per element."""
+    share = None if grad_mean is None else grad_mean / math.prod(x.shape[d] for d in dims)
     if grad_max is None:
-        assert grad_mean is not None  # autograd calls backward only with some gradient
-        count = 1
-        for d in dims:
-            count *= x.shape[d]
-        return (grad_mean / count).expand_as(x)
+        assert share is not None  # autograd calls backward only with some gradient
+        return share.expand_as(x)
     mask = x == result_max
     if int(torch.count_nonzero(mask)) != result_max.numel():  # ties: share the gradient
         grad_max = grad_max / mask.sum(dims, keepdim=True, dtype=grad_max.dtype)
-    if grad_mean is None:
+    if share is None:
         return torch.where(mask, grad_max, 0)
-    count = 1
-    for d in dims:
-        count *= x.shape[d]
-    share = grad_mean / count
     return torch.where(mask, grad_max + share, share)
 
 
