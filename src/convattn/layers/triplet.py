@@ -21,12 +21,18 @@ from torch import nn
 from convattn.layers._helpers import (
     AttentionModule,
     SingleOutputConvMixin,
-    amax,
     check_positive_int,
+    mean_amax,
 )
 from convattn.registry import register
 
 __all__ = ["TripletAttention"]
+
+
+def _z_pool(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Z-pool: the max and the mean over ``dim``, stacked in dim 1 (the official order)."""
+    mean, peak = mean_amax(x, [dim])
+    return torch.stack([peak.squeeze(dim), mean.squeeze(dim)], dim=1)
 
 
 class _ZPoolGate(SingleOutputConvMixin, nn.Module):
@@ -112,15 +118,15 @@ class TripletAttention(AttentionModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         # (C, W) plane: Z-pool over H -> (N, 2, C, W); gate broadcast back over H.
-        gate_cw = self.cw(torch.stack([amax(x, [2]).squeeze(2), x.mean(2)], dim=1))
+        gate_cw = self.cw(_z_pool(x, 2))
         out = x * gate_cw.transpose(1, 2)
         # (H, C) plane: Z-pool over W -> (N, 2, H, C); gate (N, 1, H, C) -> (N, C, H, 1).
-        gate_hc = self.hc(torch.stack([amax(x, [3]).squeeze(3), x.mean(3)], dim=1).transpose(2, 3))
+        gate_hc = self.hc(_z_pool(x, 3).transpose(2, 3))
         out = out + x * gate_hc.permute(0, 3, 2, 1)
         if self.hw is None:
             return out / 2
         # (H, W) plane: Z-pool over C -> (N, 2, H, W).
-        gate_hw = self.hw(torch.stack([amax(x, [1]).squeeze(1), x.mean(1)], dim=1))
+        gate_hw = self.hw(_z_pool(x, 1))
         return (out + x * gate_hw) / 3
 
     def extra_repr(self) -> str:
