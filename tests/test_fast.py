@@ -577,3 +577,65 @@ def test_batch_mean_var_equals_var_mean_with_its_gradient() -> None:
     assert torch.autograd.gradcheck(_BatchMeanVar.apply, (c.detach()[:2, :, :3].requires_grad_(),))
     (grad,) = torch.autograd.grad(_BatchMeanVar.apply(c)[0].sum(), c)  # variance unused
     torch.testing.assert_close(grad, torch.full_like(c, 1 / 120))
+
+
+def _gc_block_reference(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
+    """A GC bottleneck in eval mode written from the equations: BatchNorm with running
+    statistics, eq. 4 of the GCNet paper (softmax pooling, transform, add), residual, ReLU."""
+
+    def bn(m: nn.BatchNorm2d, t: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1)
+        normed = (t - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+        return normed * m.weight.view(shape) + m.bias.view(shape)
+
+    assert block.bn3 is not None and block.conv3 is not None
+    out = torch.relu(bn(block.bn1, block.conv1(x)))
+    out = torch.relu(bn(block.bn2, block.conv2(out)))
+    y = bn(block.bn3, block.conv3(out))
+    gc = block.attn
+    n, c = y.shape[:2]
+    w_k, b_k = gc.conv_mask.weight.view(1, c), gc.conv_mask.bias
+    scores = torch.einsum("oc,ncl->nl", w_k, y.flatten(2)) + b_k  # W_k x_j
+    a = torch.exp(scores - scores.amax(1, keepdim=True))
+    a = a / a.sum(1, keepdim=True)
+    context = torch.einsum("ncl,nl->nc", y.flatten(2), a)
+    conv1, norm, _, conv2 = gc.channel_add_conv
+    h = context @ conv1.weight.flatten(1).t() + conv1.bias
+    h = (h - h.mean(1, keepdim=True)) / torch.sqrt(
+        h.var(1, unbiased=False, keepdim=True) + norm.eps
+    )
+    h = torch.relu(h * norm.weight.flatten() + norm.bias.flatten())
+    term = h @ conv2.weight.flatten(1).t() + conv2.bias
+    identity = x if block.downsample is None else block.downsample(x)
+    return torch.relu(y + term.view(n, c, 1, 1) + identity)
+
+
+def test_eval_gc_folds_batchnorm_into_the_tail() -> None:
+    """GC's inference path folds the last BatchNorm into its arithmetic (scores from the
+    un-normalised map, context rescaled, one addcmul for BN + T_add): the block equals the
+    equations with any running statistics, negative scales included, and follows changes to
+    the statistics, the BN parameters and the scoring weights made after a first call."""
+    torch.manual_seed(0)
+    block = create_model("resnet50", attention="gc").layer2[0].double().eval()
+    assert isinstance(block, Bottleneck) and block.bn3 is not None
+    for module in block.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.3, 2.0)
+            nn.init.uniform_(module.weight, -1.5, 1.5)
+            nn.init.uniform_(module.bias, -0.3, 0.3)
+    nn.init.normal_(block.attn.channel_add_conv[-1].weight, 0, 0.05)
+    nn.init.uniform_(block.attn.conv_mask.bias, 1.0, 2.0)
+    x = torch.randn(2, block.conv1.in_channels, 9, 7, dtype=torch.float64)
+    with torch.inference_mode():
+        assert block_forward(block, x) is not None
+        torch.testing.assert_close(block(x), _gc_block_reference(block, x))
+    with torch.no_grad():  # in place (new versions) and new objects: the fold is redone
+        block.bn3.running_mean.add_(0.25)
+        block.bn3.weight.mul_(-1.0)
+        block.attn.conv_mask.weight.mul_(3.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), _gc_block_reference(block, x))
+    block.bn3.bias = nn.Parameter(torch.linspace(-1, 1, block.bn3.num_features).double())
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), _gc_block_reference(block, x))

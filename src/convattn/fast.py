@@ -13,7 +13,9 @@ Inference (no autograd graph), ResNet blocks with block-end attention:
   applied together with the residual add and the ReLU, ``relu(addcmul(identity, x, g))``,
   one pass over the feature map instead of three;
 - CBAM: the channel gate's product, then the spatial gate fused with residual and ReLU;
-- GC with ``add`` fusion: ``relu(x + identity + t)``;
+- GC with ``add`` fusion: ``relu(x + identity + t)``, and after an eval-mode BatchNorm that
+  BatchNorm folded in (scores and context from its input, ``t`` added to its bias), so that
+  neither the BatchNorm's output nor ``x + t`` is written out separately;
 - the gates themselves without module calls (known layer types, no hooks on them), the
   result written into the last BatchNorm's output instead of a new tensor.
 
@@ -522,27 +524,39 @@ def _spatial_gate(attn: SpatialAttention | SpatialSE, x: torch.Tensor) -> torch.
     return _activation(attn.gate, logits)
 
 
-def _gc_add_term(attn: GlobalContext, x: torch.Tensor) -> torch.Tensor:
-    """GC's ``T_add(c)`` for ``x``, ``(N, C, 1, 1)``, without module calls where the context
-    pooling and the transform are the standard layers."""
+def _gc_standard_context(attn: GlobalContext) -> bool:
+    """Whether GC's context is the standard softmax attention pooling through plain,
+    unhooked layers (so that it can be computed without them)."""
+    gate = attn.gate
+    return (
+        not _overrides(attn, GlobalContext, "context")
+        and attn.conv_mask is not None
+        and type(gate) is nn.Softmax
+        and gate.dim == 2
+        and not _any_hooks(attn.conv_mask, gate)
+    )
+
+
+def _gc_pool(
+    x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """GC's attention pooling ``sum_j softmax_j(w . x_j + b) x_j`` for ``x`` ``(N, C, ...)``:
+    ``(N, C)``, two matrix products per image."""
+    n, c = x.shape[0], x.shape[1]
+    flat = x.reshape(n, c, -1)
+    scores = _matmul_images(mask_weight.view(1, c), flat)  # (N, 1, L)
+    if mask_bias is not None:
+        scores.add_(mask_bias.view(1, 1, 1))
+    weights = torch.softmax(scores, 2)
+    return _matmul_images(flat, weights.transpose(1, 2)).view(n, c)
+
+
+def _gc_transform(attn: GlobalContext, context: torch.Tensor) -> torch.Tensor:
+    """GC's ``T_add(c)`` for the context ``(N, C)``, shaped ``(N, C)``: the standard
+    transform (1x1 conv, LayerNorm over ``(C/r, 1, 1)``, activation, 1x1 conv) as matrix
+    products, anything else through the module."""
     transform = attn.channel_add_conv
     assert transform is not None  # checked by the caller
-    if (
-        _overrides(attn, GlobalContext, "context")
-        or attn.conv_mask is None
-        or _any_hooks(attn.conv_mask, attn.gate)
-    ):
-        context = attn.context(x)
-    else:
-        n, c = x.shape[0], x.shape[1]
-        scores = _conv_to_one(attn.conv_mask, x).reshape(n, 1, -1)
-        gate = attn.gate
-        assert gate is not None  # set together with conv_mask
-        weights = (
-            torch.softmax(scores, 2) if type(gate) is nn.Softmax and gate.dim == 2 else gate(scores)
-        )
-        pooled = _matmul_images(x.reshape(n, c, -1), weights.transpose(1, 2))
-        context = pooled.reshape([n, c] + [1] * (x.dim() - 2))
     layers: list[nn.Module] = list(transform)
     norm = layers[1] if len(layers) == 4 else None
     if (
@@ -553,12 +567,127 @@ def _gc_add_term(attn: GlobalContext, x: torch.Tensor) -> torch.Tensor:
         and not _any_hooks(transform, *layers)
     ):
         conv1, _, act, conv2 = layers
-        h = _linear(conv1, context.flatten(1))
+        h = _linear(conv1, context)
         weight = None if norm.weight is None else norm.weight.view(-1)
         bias = None if norm.bias is None else norm.bias.view(-1)
         h = F.layer_norm(h, (h.shape[1],), weight, bias, norm.eps)
-        return _linear(conv2, _activation(act, h)).view(context.shape)
-    return transform(context)
+        return _linear(conv2, _activation(act, h))
+    shape = list(context.shape) + [1] * attn.spatial_dims
+    return transform(context.view(shape)).flatten(1)
+
+
+def _gc_add_term(attn: GlobalContext, x: torch.Tensor) -> torch.Tensor:
+    """GC's ``T_add(c)`` for ``x``, ``(N, C, 1, 1)``, without module calls where the context
+    pooling and the transform are the standard layers."""
+    if _gc_standard_context(attn):
+        mask = attn.conv_mask
+        assert isinstance(mask, nn.Conv2d)  # _gc_standard_context checked it is there
+        context = _gc_pool(x, mask.weight, mask.bias)
+    else:
+        context = attn.context(x).flatten(1)
+    return _gc_transform(attn, context).view(context.shape + (1,) * (x.dim() - 2))
+
+
+class _EvalBNFold:
+    """An eval-mode BatchNorm's per-channel ``scale`` and ``shift`` (``bn(y) = y * scale +
+    shift``), ``extra * scale`` for a weight vector folded with it, and its statistics and
+    weight repeated per batch size (to normalise ``(N, C, ...)`` as ``(1, N * C, ...)``)."""
+
+    def __init__(self, bn: nn.BatchNorm2d, extra: torch.Tensor) -> None:
+        assert bn.running_mean is not None and bn.running_var is not None  # checked by caller
+        self.bn = bn
+        invstd = torch.rsqrt(bn.running_var + bn.eps)
+        self.scale, self.shift = _bn_affine(bn.weight, bn.bias, bn.running_mean, invstd)
+        self.folded = extra.reshape(-1) * self.scale
+        self._repeats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+    def repeated(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Running mean, running variance and weight, each repeated ``n`` times."""
+        if n not in self._repeats:
+            bn = self.bn
+            assert bn.running_mean is not None and bn.running_var is not None
+            with torch.no_grad():
+                weight = None if bn.weight is None else bn.weight.repeat(n)
+                self._repeats[n] = (bn.running_mean.repeat(n), bn.running_var.repeat(n), weight)
+        return self._repeats[n]
+
+
+def _eval_bn_fold(bn: nn.Module, owner: nn.Module, extra: torch.Tensor) -> _EvalBNFold | None:
+    """The :class:`_EvalBNFold` of an eval-mode ``nn.BatchNorm2d`` with running statistics
+    (None for anything else), kept on ``owner`` while none of the tensors it comes from changes
+    (same objects, same versions): at batch 1 its half-dozen small operations cost about 1 %
+    of a ResNet-50 when run on every call."""
+    if not (
+        type(bn) is nn.BatchNorm2d
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and not _has_hooks(bn)
+    ):
+        return None
+    sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias, extra)
+    tensors = [t for t in sources if t is not None]
+    cacheable = not any(t.is_inference() for t in tensors)
+    if cacheable:
+        versions = tuple(t._version for t in tensors)
+        cached = owner.__dict__.get("_convattn_bn_fold")
+        if (
+            cached is not None
+            and cached[2] == bn.eps
+            and cached[1] == versions
+            and all(a is b for a, b in zip(cached[0], sources, strict=True))
+        ):
+            fold: _EvalBNFold = cached[3]
+            return fold
+    with torch.no_grad():
+        fold = _EvalBNFold(bn, extra)
+    if cacheable:
+        owner.__dict__["_convattn_bn_fold"] = (sources, versions, bn.eps, fold)
+    return fold
+
+
+def _gc_folded_tail(
+    attn: GlobalContext, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor
+) -> torch.Tensor | None:
+    """``relu(GC(bn(y)) + identity)`` for GC with add fusion after an eval-mode BatchNorm,
+    with the BatchNorm folded into the block's arithmetic (None where that does not apply).
+
+    With ``bn(y) = a y + b`` per channel: the scores ``w . (a y_j + b) + w_0`` differ from
+    ``(w a) . y_j`` by a constant, which the softmax over positions removes; the weights sum
+    to one, so the context is ``a (sum_j p_j y_j) + b``; and ``bn(y) + T_add(c)`` is one
+    BatchNorm of ``y`` with ``T_add(c)`` added to its bias (per image: the batch is normalised
+    as one image of ``N * C`` channels), so the separate pass that adds ``T_add(c)`` goes."""
+    if not (
+        attn.fusion_types == ("add",)
+        and attn.channel_add_conv is not None
+        and _gc_standard_context(attn)
+        and y.dim() == 4
+        and y.is_contiguous()
+        and identity.shape == y.shape
+    ):
+        return None
+    mask = attn.conv_mask
+    assert isinstance(mask, nn.Conv2d)  # _gc_standard_context checked it is there
+    if not (_is_plain_conv_to_one(mask) and mask.kernel_size == (1, 1)):
+        return None
+    fold = _eval_bn_fold(bn, attn, mask.weight)
+    if fold is None:
+        return None
+    attn._check_input(y)
+    norm = fold.bn
+    context = torch.addcmul(fold.shift, _gc_pool(y, fold.folded, None), fold.scale)
+    bias = _gc_transform(attn, context)
+    if norm.bias is not None:
+        bias.add_(norm.bias)
+    n, c, h, w = y.shape
+    stats: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (
+        (norm.running_mean, norm.running_var, norm.weight) if n == 1 else fold.repeated(n)
+    )
+    mean, var, weight = stats
+    out = F.batch_norm(
+        y.view(1, n * c, h, w), mean, var, weight, bias.view(-1), False, 0.0, norm.eps
+    )
+    return out.view(n, c, h, w).add_(identity).relu_()
 
 
 def _scse_fuse(
@@ -756,13 +885,10 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
     out = block.attn_conv2(block.conv2(block.pre_conv2(out)))
     if block.conv3 is not None and block.bn3 is not None:
         out = block.conv3(block.pre_conv3(block.relu(block.bn2(out))))
-    elif not grad:
-        out = block.bn2(out)
     if block.downsample is not None:
         identity = block.downsample(block.pre_downsample(x))
     if plain:  # no attention: torchvision's in-place residual add
-        if block.conv3 is not None or grad:
-            out = last_bn(out)
+        out = last_bn(out)
         out += identity
         return block.relu(out)
     if grad:
@@ -775,8 +901,11 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         if result is None:  # BN in eval mode or hooked: finish the plain way
             result = block.relu(attn(last_bn(out)) + identity)
         return result
-    if block.conv3 is not None and block.bn3 is not None:
-        out = block.bn3(out)
+    if isinstance(attn, GlobalContext):
+        result = _gc_folded_tail(attn, last_bn, out, identity)
+        if result is not None:
+            return result
+    out = last_bn(out)
     result = _eval_attention_tail(attn, out, identity, owned)
     if result is None:
         result = block.relu(attn(out) + identity)
