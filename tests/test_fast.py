@@ -355,6 +355,34 @@ def test_mean_amax_backward_equals_autograd_including_ties(dims: list[int], used
     assert torch.autograd.gradcheck(lambda t: mean_amax(t, dims), (x,))
 
 
+@pytest.mark.parametrize("dims", [[1], [2, 3]])
+def test_mean_backward_is_the_expanded_quotient(dims: list[int]) -> None:
+    """convattn's mean (SE's squeeze in training) hands back ``g / n`` as an expanded view,
+    with the values of autograd's mean; a second use of the input adds to it, and the
+    gradient is differentiable again (double backward)."""
+    from convattn.layers._helpers import mean
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pooled = mean(a, dims)
+    expected = b.mean(dims, keepdim=True)
+    assert torch.equal(pooled, expected)
+    g = torch.randn_like(pooled)
+    (grad,) = torch.autograd.grad(pooled, a, g, retain_graph=True)
+    assert 0 in grad.stride()  # a view, not a written-out map
+    (reference,) = torch.autograd.grad(expected, b, g, retain_graph=True)
+    assert torch.equal(grad, reference)
+    other = torch.randn_like(x)
+    ((pooled * g).sum() + (a * other).sum()).backward()
+    ((expected * g).sum() + (b * other).sum()).backward()
+    assert a.grad is not None and b.grad is not None
+    assert torch.equal(a.grad, b.grad)
+    small = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mean(t, dims), (small,))
+    assert torch.autograd.gradgradcheck(lambda t: mean(t, dims) ** 2, (small,))
+
+
 @pytest.mark.parametrize("padding", [(3, 2), (0, 0), (6, 4), (1, 3)])
 def test_single_output_conv2d_gradients(padding: tuple[int, int]) -> None:
     """The faster backward of spatial attention's k x k convolution against the numerical

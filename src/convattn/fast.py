@@ -160,7 +160,8 @@ class BNGateResidualReLU(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             scale, shift = _bn_affine(weight, bias, mean, invstd)
             view = [1, -1] + [1] * (c.dim() - 2)
-            x = torch.addcmul(shift.view(view), c, scale.view(view))
+            # (a multiply and an add: addcmul with a broadcast first operand is 2-3x slower)
+            x = torch.mul(c, scale.view(view)).add_(shift.view(view))
             # the product masked * x summed over the gate's broadcast dims, in x's memory (a
             # multiply and a sum are 2-4x faster on the CPU than einsum's batched products)
             dims = [d for d in range(c.dim()) if gate.shape[d] == 1 and c.shape[d] != 1]

@@ -26,6 +26,7 @@ __all__ = [
     "eca_kernel_size",
     "get_act_layer",
     "make_divisible",
+    "mean",
     "mean_amax",
     "mean_amax_backward",
     "reduced_channels",
@@ -308,6 +309,24 @@ class _Amax(torch.autograd.Function):
         return amax_backward(x, out, grad, ctx.dims), None
 
 
+class _Mean(torch.autograd.Function):
+    """``x.mean(dims, keepdim=True)`` whose backward returns ``grad / n`` expanded over the
+    pooled dimensions as a view: autograd's own writes that quotient out as a full map, which
+    the gradient from the other use of ``x`` (the gated product) is then added to; the view
+    is added into that gradient directly, one pass over the map less. The values are
+    autograd's (the same quotients)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+        ctx.shape = x.shape
+        ctx.count = math.prod(x.shape[d] for d in dims)
+        return x.mean(dims, keepdim=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return (grad / ctx.count).expand(ctx.shape), None
+
+
 class _MeanAmax(torch.autograd.Function):
     """``(x.mean(dims, keepdim=True), x.amax(dims, keepdim=True))`` with
     :func:`mean_amax_backward`."""
@@ -355,6 +374,23 @@ def amax(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     if not torch.jit.is_scripting():
         return _amax_eager(x, dims)
     return x.amax(dims, keepdim=True)
+
+
+@torch.jit.unused
+def _mean_eager(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad and eager_mode():
+        out = _Mean.apply(x, dims)
+        assert isinstance(out, torch.Tensor)  # for mypy: apply() is untyped
+        return out
+    return x.mean(dims, keepdim=True)
+
+
+def mean(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """``x.mean(dims, keepdim=True)``; in eager autograd with a backward that hands on the
+    expanded quotient as a view instead of a full map (the same values)."""
+    if not torch.jit.is_scripting():
+        return _mean_eager(x, dims)
+    return x.mean(dims, keepdim=True)
 
 
 @torch.jit.unused

@@ -18,6 +18,7 @@ from convattn.layers._helpers import (
     check_positive_int,
     create_act,
     eca_kernel_size,
+    mean,
     mean_amax,
     reduced_channels,
     unsqueeze_spatial,
@@ -135,7 +136,7 @@ class ChannelAttention(AttentionModule):
         """Pooled descriptors, each (N, C)."""
         dims = list(range(2, x.dim()))
         if self.pool == "avg":
-            return [x.mean(dims)]
+            return [mean(x, dims).flatten(1)]
         if self.pool == "max":
             return [amax(x, dims).flatten(1)]
         if self.pool == "avg+max":
