@@ -127,6 +127,14 @@ def _bn_affine(
     return scale, shift
 
 
+def _scale_shift(c: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``c * scale + shift`` for per-channel ``scale`` and ``shift`` (differentiable): a
+    multiply and an in-place add, 2-3x faster on the CPU than ``addcmul(shift, c, scale)``,
+    whose broadcast first operand takes a slow loop (at 128 x 16 x 32 x 32: 190 against
+    610 us)."""
+    return torch.mul(c, scale).add_(shift)
+
+
 class BNGateResidualReLU(torch.autograd.Function):
     """``y = relu(x * g + identity)`` where ``x = BN(c)`` (training-mode BatchNorm with batch
     statistics ``mean``, ``invstd``), saving ``c``, the statistics, ``g`` and ``y`` only.
@@ -160,8 +168,7 @@ class BNGateResidualReLU(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             scale, shift = _bn_affine(weight, bias, mean, invstd)
             view = [1, -1] + [1] * (c.dim() - 2)
-            # (a multiply and an add: addcmul with a broadcast first operand is 2-3x slower)
-            x = torch.mul(c, scale.view(view)).add_(shift.view(view))
+            x = _scale_shift(c, scale.view(view), shift.view(view))
             # the product masked * x summed over the gate's broadcast dims, in x's memory (a
             # multiply and a sum are 2-4x faster on the CPU than einsum's batched products)
             dims = [d for d in range(c.dim()) if gate.shape[d] == 1 and c.shape[d] != 1]
@@ -198,7 +205,7 @@ class _Recompute:
 
     def get(self) -> torch.Tensor:
         if self.x is None:
-            self.x = torch.addcmul(self.shift, self.c, self.scale)
+            self.x = _scale_shift(self.c, self.scale, self.shift)
         return self.x
 
 
@@ -796,7 +803,7 @@ class _BatchMeanVar(torch.autograd.Function):
         if grad_var is None:
             return shift.expand_as(c)
         slope = grad_var * (2 / count)
-        return torch.addcmul(shift - slope * mean, c, slope)
+        return _scale_shift(c, slope, shift - slope * mean)
 
 
 def _bn_train_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -833,7 +840,7 @@ def _train_cbam_tail(
     ):
         return None
     scale, shift = _bn_train_affine(bn, c)
-    x = torch.addcmul(shift, c, scale)
+    x = _scale_shift(c, scale, shift)
     attn._check_input(x)
     recipe = _Recompute(c.detach(), scale.detach(), shift.detach())
     avg, peak = _CbamChannelPool.apply(x, recipe)
