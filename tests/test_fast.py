@@ -207,6 +207,31 @@ def test_scripting_and_tracing_use_the_plain_path() -> None:
     assert "addcmul" not in str(traced.inlined_graph)
 
 
+@pytest.mark.parametrize("attention", ["se", "eca", "cbam", "gc", "scse"])
+def test_autocast_uses_the_plain_path(attention: str) -> None:
+    """Under autocast the fast paths stand aside (they call operations directly, some with
+    ``out=``, outside autocast's casting policy): inference and training run, in bfloat16, with
+    exactly the direct code's outputs and gradients."""
+    fast, direct = _pair("resnet18", attention)
+    fast, direct = fast.float(), direct.float()
+    x = torch.randn(2, 3, 32, 32)
+    for training in (False, True):
+        fast.train(training)
+        direct.train(training)
+        with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = fast(x), direct(x)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, expected)
+        if training:
+            got.float().sum().backward()
+            expected.float().sum().backward()
+            for (name, p), (_, q) in zip(
+                fast.named_parameters(), direct.named_parameters(), strict=True
+            ):
+                assert p.grad is not None and q.grad is not None
+                assert torch.equal(p.grad, q.grad), name
+
+
 def test_torch_export_uses_the_plain_path() -> None:
     model = _model("cifar_resnet20", "se").float().eval()
     x = torch.randn(2, 3, 16, 16)

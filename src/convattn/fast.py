@@ -2,7 +2,8 @@
 
 Every fast path computes the same function as the plain code (outputs and gradients equal
 within float32 rounding) and is taken only in eager mode: never while scripting, tracing,
-exporting or compiling, never when a hook is registered on a module it bypasses (so
+exporting or compiling, never under autocast (whose casting policy applies to the modules'
+calls), never when a hook is registered on a module it bypasses (so
 :func:`convattn.capture` and user hooks see what they always saw), and never for modules it
 does not know. Attention gates (the ``gate*`` submodules) are always called with the gate
 logits.
@@ -86,11 +87,40 @@ def _global_hooks() -> bool:
     )
 
 
+def _autocast_device_types() -> tuple[str, ...] | None:
+    """The device types that ``torch.is_autocast_enabled(device_type)`` answers for, or None
+    for a torch before 2.4 (whose ``is_autocast_enabled()`` takes no argument)."""
+    known = []
+    for device_type in ("cpu", "cuda", "xpu", "mps"):
+        try:
+            torch.is_autocast_enabled(device_type)
+        except TypeError:
+            return None
+        except RuntimeError:  # a device type this build does not know
+            continue
+        known.append(device_type)
+    return tuple(known)
+
+
+_AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
+def _autocast_enabled() -> bool:
+    """Whether autocast is on for any device type (the fast paths call operations directly,
+    some with ``out=``, which autocast's casting policy would not treat as it treats the
+    modules' calls)."""
+    if _AUTOCAST_DEVICE_TYPES is None:
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICE_TYPES)
+
+
 def fast_paths_active(*modules: nn.Module, under_compile: bool = False) -> bool:
     """Whether a fast path may replace the plain calls of ``modules`` now: eager mode (not
-    scripting, tracing, exporting, FX tracing or, unless ``under_compile``, compiling) and no
-    hooks on any of them (nor global module hooks)."""
+    scripting, tracing, exporting, FX tracing or, unless ``under_compile``, compiling), no
+    autocast, and no hooks on any of them (nor global module hooks)."""
     if not eager_mode(under_compile=under_compile):
+        return False
+    if _autocast_enabled():
         return False
     if _global_hooks():
         return False
