@@ -293,6 +293,21 @@ def test_optimize_compile_keeps_outputs() -> None:
         torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", [None, "se", "cbam"])
+def test_training_forward_compiles_without_graph_breaks(attention: str | None) -> None:
+    """What ``optimize(compile=True)`` traces for training (including CBAM's spatial
+    convolution, whose faster backward stays on under the compiler) is one graph: a break
+    inside a block makes Dynamo compile every block's forward on its own and, past its
+    recompile limit, run the rest eagerly."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = create_model("cifar_resnet20", attention=attention).train()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 @pytest.mark.parametrize("attention", ["se", "cbam"])
 def test_block_training_path_gradcheck(attention: str) -> None:
     """A whole basic block in training mode (fast path taken) against the numerical

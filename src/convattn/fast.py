@@ -340,8 +340,8 @@ def _single_output_weight_grad(
     wp = xp.shape[3]
     rows = xp.unfold(2, ho, 1)  # (N, C, kh, Wp, Ho): row h + i of channel c at [n, c, i, :, h]
     shifted = rows.permute(1, 2, 0, 4, 3).reshape(c * kh, n * ho, wp)
-    r = torch.matmul(grad.reshape(n * ho, wo).t(), shifted)  # (C * kh, Wo, Wp)
-    diagonals = r.as_strided((c * kh, kw, wo), (wo * wp, 1, wp + 1), r.storage_offset())
+    r = torch.matmul(grad.reshape(n * ho, wo).t(), shifted).contiguous()  # (C * kh, Wo, Wp)
+    diagonals = r.as_strided((c * kh, kw, wo), (wo * wp, 1, wp + 1))  # r's own offset
     return diagonals.sum(2).view(1, c, kh, kw)
 
 
