@@ -360,36 +360,29 @@ def eager_mode(*, under_compile: bool = False) -> bool:
 
 
 @torch.jit.unused
-def _amax_eager(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+def _reduce_eager(x: torch.Tensor, dims: list[int], kind: str) -> torch.Tensor:
+    """``x.amax`` or ``x.mean`` (``kind``) over ``dims``, keeping them; through ``_Amax`` /
+    ``_Mean`` in eager autograd."""
     if torch.is_grad_enabled() and x.requires_grad and eager_mode():
-        out = _Amax.apply(x, dims)
+        out = (_Amax if kind == "amax" else _Mean).apply(x, dims)
         assert isinstance(out, torch.Tensor)  # for mypy: apply() is untyped
         return out
-    return x.amax(dims, keepdim=True)
+    return x.amax(dims, keepdim=True) if kind == "amax" else x.mean(dims, keepdim=True)
 
 
 def amax(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """``x.amax(dims, keepdim=True)``; in eager autograd with the faster, equal backward of
     :func:`amax_backward` (CBAM-style max pooling over a whole map or over the channels)."""
     if not torch.jit.is_scripting():
-        return _amax_eager(x, dims)
+        return _reduce_eager(x, dims, "amax")
     return x.amax(dims, keepdim=True)
-
-
-@torch.jit.unused
-def _mean_eager(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad and eager_mode():
-        out = _Mean.apply(x, dims)
-        assert isinstance(out, torch.Tensor)  # for mypy: apply() is untyped
-        return out
-    return x.mean(dims, keepdim=True)
 
 
 def mean(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """``x.mean(dims, keepdim=True)``; in eager autograd with a backward that hands on the
     expanded quotient as a view instead of a full map (the same values)."""
     if not torch.jit.is_scripting():
-        return _mean_eager(x, dims)
+        return _reduce_eager(x, dims, "mean")
     return x.mean(dims, keepdim=True)
 
 
