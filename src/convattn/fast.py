@@ -507,6 +507,17 @@ def _matmul_images(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _project_to_one(
+    flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``w . x_j + b`` at every position of ``flat`` ``(N, C, L)``: ``(N, 1, L)``, one matrix
+    product per image (a 1x1 convolution to one channel)."""
+    out = _matmul_images(weight.view(1, flat.shape[1]), flat)
+    if bias is not None:
+        out.add_(bias.view(1, 1, 1))
+    return out
+
+
 def _conv_to_one(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for an inference convolution to one channel: a 1x1 one (sSE's squeeze,
     GC's context mask) as one matrix product over the channels, a k x k one (spatial
@@ -518,24 +529,27 @@ def _conv_to_one(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     n, c, h, w = x.shape
     if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
-        out = _matmul_images(conv.weight.view(1, c), x.view(n, c, h * w))
-        if conv.bias is not None:
-            out.add_(conv.bias.view(1, 1, 1))
-        return out.view(n, 1, h, w)
+        return _project_to_one(x.view(n, c, h * w), conv.weight, conv.bias).view(n, 1, h, w)
     if x.device.type != "cpu":
         return conv(x)
     kernel, padding = list(conv.kernel_size), [int(p) for p in conv.padding]
     return torch.ops.aten.thnn_conv2d(x, conv.weight, kernel, conv.bias, [1, 1], padding)
 
 
-def _batch_norm_eval(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``bn(x)`` for an eval-mode ``nn.BatchNorm2d`` with running statistics, functionally."""
-    if (
+def _is_eval_batch_norm(bn: nn.Module) -> TypeGuard[nn.BatchNorm2d]:
+    """Whether ``bn`` is exactly an ``nn.BatchNorm2d`` in eval mode with running statistics
+    (so that it normalises with them)."""
+    return (
         type(bn) is nn.BatchNorm2d
         and not bn.training
         and bn.running_mean is not None
         and bn.running_var is not None
-    ):
+    )
+
+
+def _batch_norm_eval(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` for an eval-mode ``nn.BatchNorm2d`` with running statistics, functionally."""
+    if _is_eval_batch_norm(bn):
         return F.batch_norm(
             x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
         )
@@ -608,10 +622,7 @@ def _gc_pool(
     ``(N, C)``, two matrix products per image."""
     n, c = x.shape[0], x.shape[1]
     flat = x.reshape(n, c, -1)
-    scores = _matmul_images(mask_weight.view(1, c), flat)  # (N, 1, L)
-    if mask_bias is not None:
-        scores.add_(mask_bias.view(1, 1, 1))
-    weights = torch.softmax(scores, 2)
+    weights = torch.softmax(_project_to_one(flat, mask_weight, mask_bias), 2)
     return _matmul_images(flat, weights.transpose(1, 2)).view(n, c)
 
 
@@ -681,13 +692,7 @@ def _eval_bn_fold(bn: nn.Module, owner: nn.Module, extra: torch.Tensor) -> _Eval
     (None for anything else), kept on ``owner`` while none of the tensors it comes from changes
     (same objects, same versions): at batch 1 its half-dozen small operations cost about 1 %
     of a ResNet-50 when run on every call."""
-    if not (
-        type(bn) is nn.BatchNorm2d
-        and not bn.training
-        and bn.running_mean is not None
-        and bn.running_var is not None
-        and not _has_hooks(bn)
-    ):
+    if not _is_eval_batch_norm(bn) or _has_hooks(bn):
         return None
     sources = (bn.running_mean, bn.running_var, bn.weight, bn.bias, extra)
     tensors = [t for t in sources if t is not None]
