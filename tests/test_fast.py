@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convattn
+import convattn.fast as fast_module
 from _reference import randomize
 from convattn.fast import (
     BNGateResidualReLU,
@@ -19,6 +20,7 @@ from convattn.fast import (
     optimize,
     set_fast_paths,
 )
+from convattn.layers.channel import ChannelAttention
 from convattn.models import create_model
 from convattn.models.resnet import Bottleneck, _Block
 from convattn.profile import TensorMemoryTracker
@@ -135,23 +137,30 @@ def test_fast_path_is_taken_for_se() -> None:
     assert _uses_fast_path(fast, torch.zeros(1, dtype=torch.float64))
 
 
-def test_bn_gate_residual_relu_gradcheck() -> None:
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("gate_shape", ["channel", "spatial"])
+def test_bn_gate_residual_relu_gradcheck(inplace: bool, gate_shape: str) -> None:
     """The memory-saving function against autograd's numerical Jacobian (float64), with the
-    BatchNorm in front of it so that x really is BN(c) as the function assumes."""
+    BatchNorm in front of it so that x really is BN(c) as the function assumes; a channel
+    gate takes the one-pass gate gradient, a spatial one the rebuilt BN(c). The BatchNorm's
+    input has a mean far from zero so that an uncentred gate gradient would lose digits."""
     torch.manual_seed(0)
     n, c, h, w = 2, 3, 3, 3
     dt = torch.float64
     conv_out = torch.randn(n, c, h, w, dtype=dt, requires_grad=True)
     weight = torch.rand(c, dtype=dt).add(0.5).requires_grad_()
     bias = torch.randn(c, dtype=dt, requires_grad=True)
-    gate_logits = torch.randn(n, c, 1, 1, dtype=dt, requires_grad=True)
+    gate_size = (n, c, 1, 1) if gate_shape == "channel" else (n, 1, h, w)
+    gate_logits = torch.randn(gate_size, dtype=dt, requires_grad=True)
     identity = torch.randn(n, c, h, w, dtype=dt, requires_grad=True)
 
     def fused(c_, w_, b_, g_, id_):  # type: ignore[no-untyped-def]
         x, mean, invstd = torch.native_batch_norm(c_, w_, b_, None, None, True, 0.1, 1e-5)
         x = x + 0 * g_.sum()  # the gate depends on x in the blocks; keep the graphs alike
         gate = torch.sigmoid(g_)
-        return BNGateResidualReLU.apply(x, gate, id_, c_, w_, b_, mean.detach(), invstd.detach())
+        return BNGateResidualReLU.apply(
+            x, gate, id_, c_, w_, b_, mean.detach(), invstd.detach(), inplace
+        )
 
     def direct(c_, w_, b_, g_, id_):  # type: ignore[no-untyped-def]
         x = F.batch_norm(c_, None, None, w_, b_, training=True, momentum=0.1, eps=1e-5)
@@ -165,6 +174,47 @@ def test_bn_gate_residual_relu_gradcheck() -> None:
     expected = torch.autograd.grad(direct(*inputs), inputs, grad)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_channel_gate_gradient_is_centred() -> None:
+    """The gate's gradient ``sum_hw(masked * BN(c))`` in float32 for a BatchNorm input whose
+    mean is 1000 times its spread, against float64 from the definition: summing ``masked * c``
+    and subtracting the mean's share afterwards would lose three digits here."""
+    torch.manual_seed(0)
+    n, ch, h, w = 4, 8, 16, 16
+    c = torch.randn(n, ch, h, w) + 1000
+    masked = torch.randn(n, ch, h, w).relu_()
+    weight, bias = torch.rand(ch) + 0.5, torch.randn(ch)
+    # the statistics as a float32 BatchNorm holds them; the reference uses the same values
+    mean = c.double().mean((0, 2, 3)).float().double()
+    invstd = (c.double().var((0, 2, 3), correction=0) + 1e-5).rsqrt().float().double()
+    got = fast_module._channel_gate_grad(masked, c, weight, bias, mean.float(), invstd.float())
+    bn = (c.double() - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    bn = bn * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+    expected = (masked.double() * bn).sum((2, 3), keepdim=True)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+class _RmsPoolSE(ChannelAttention):
+    """A subclass whose pool saves its input for backward (``pow`` does)."""
+
+    def describe(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.pow(2).mean((2, 3)).add(1e-6).sqrt()]
+
+
+def test_training_output_is_not_written_over_a_saved_input() -> None:
+    """The SE training path writes the block output into BN(c) only when the module's own
+    pool reads it; a subclass that saves it for backward keeps it intact."""
+    fast, direct = _pair("cifar_resnet20", "se")
+    for model in (fast, direct):
+        for block in model.modules():
+            if isinstance(block, _Block):
+                block.attn.__class__ = _RmsPoolSE
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    fast(x).square().sum().backward()
+    direct(x).square().sum().backward()
+    for (name, p), (_, q) in zip(fast.named_parameters(), direct.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 def test_gate_residual_relu_matches_expression() -> None:

@@ -23,8 +23,10 @@ Inference (no autograd graph), ResNet blocks with block-end attention:
 Training (autograd on), ResNet blocks with SE / ECA-style attention (average-pooled channel
 gate) after a training-mode BatchNorm: :class:`BNGateResidualReLU` applies
 ``relu(BN(c) * g + identity)`` saving only ``c`` (which the BatchNorm saves anyway), the
-per-channel statistics, the small gate and the block output; ``BN(c)`` is recomputed in
-backward instead of being kept, one full feature map per block less than the plain graph.
+per-channel statistics, the small gate and the block output, which it writes into the
+BatchNorm's output (as the plain block adds the residual in place); the gate's gradient comes
+from ``c`` and the statistics in one pass, without rebuilding ``BN(c)``: one full feature map
+per block less than the plain graph keeps.
 
 Blocks without attention add the residual in place into the last BatchNorm's output (as
 torchvision does), in inference and training, so that the plain backbone that attention's
@@ -171,7 +173,10 @@ class BNGateResidualReLU(torch.autograd.Function):
 
     ``x`` is an input (its gradient flows back into the BatchNorm and into whatever else
     used it, e.g. the attention's average pool), but it is not saved: backward recomputes it
-    from ``c``. ``g`` has shape ``(N, C, 1, 1)`` or ``(N, 1, H, W)``.
+    from ``c``. ``g`` has shape ``(N, C, 1, 1)`` or ``(N, 1, H, W)``. With ``inplace`` (the
+    last argument) ``y`` is written into ``x``, which must then be a non-leaf tensor that
+    nothing saved for backward (a BatchNorm's output, read by an average pool, is one): the
+    block's output goes into memory that is already in cache instead of a new map.
     """
 
     @staticmethod
@@ -185,8 +190,13 @@ class BNGateResidualReLU(torch.autograd.Function):
         bias: torch.Tensor | None,
         mean: torch.Tensor,
         invstd: torch.Tensor,
+        inplace: bool = False,
     ) -> torch.Tensor:
-        y = torch.addcmul(identity, x, gate).relu_()
+        if inplace:
+            y = torch.addcmul(identity, x, gate, out=x).relu_()
+            ctx.mark_dirty(x)
+        else:
+            y = torch.addcmul(identity, x, gate).relu_()
         ctx.save_for_backward(c, weight, bias, mean, invstd, gate, y)
         return y
 
@@ -195,7 +205,9 @@ class BNGateResidualReLU(torch.autograd.Function):
         c, weight, bias, mean, invstd, gate, y = ctx.saved_tensors
         masked = torch.ops.aten.threshold_backward(grad_y, y, 0)
         grad_x = grad_g = grad_id = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and _is_channel_gate(gate, c, masked):
+            grad_g = _channel_gate_grad(masked, c, weight, bias, mean, invstd)
+        elif ctx.needs_input_grad[1]:
             scale, shift = _bn_affine(weight, bias, mean, invstd)
             view = [1, -1] + [1] * (c.dim() - 2)
             x = _scale_shift(c, scale.view(view), shift.view(view))
@@ -209,7 +221,53 @@ class BNGateResidualReLU(torch.autograd.Function):
             grad_x = masked * gate
         if ctx.needs_input_grad[2]:
             grad_id = masked
-        return grad_x, grad_g, grad_id, None, None, None, None, None
+        return grad_x, grad_g, grad_id, None, None, None, None, None, None
+
+
+def _is_channel_gate(gate: torch.Tensor, c: torch.Tensor, masked: torch.Tensor) -> bool:
+    """Whether ``gate`` is ``(N, C, 1, 1)`` for contiguous ``(N, C, H, W)`` maps ``c`` and
+    ``masked``."""
+    return (
+        c.dim() == 4
+        and c.is_contiguous()
+        and masked.is_contiguous()
+        and gate.shape == (*c.shape[:2], 1, 1)
+    )
+
+
+def _channel_gate_grad(
+    masked: torch.Tensor,
+    c: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_hw(masked * BN(c))`` per image and channel, ``(N, C, 1, 1)``, without rebuilding
+    ``BN(c)``: with ``BN(c) = w * (c - mean) * invstd + b`` it is ``w * sum_hw(masked * (c -
+    mean) * invstd) + b * sum_hw(masked)``, and those two sums are the weight and bias
+    gradients of a BatchNorm over the ``N * C`` maps as channels of one image (ATen's
+    backward, centred like the forward, in one pass that reads ``masked`` and ``c`` and writes
+    nothing of map size, where rebuilding, multiplying and summing take four)."""
+    n, ch, h, w = c.shape
+    _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        masked.view(1, n * ch, h, w),
+        c.view(1, n * ch, h, w),
+        None,
+        None,
+        None,
+        mean.repeat(n),
+        invstd.repeat(n),
+        True,
+        0.0,
+        [False, True, bias is not None],
+    )
+    grad = grad_w.view(n, ch)
+    if weight is not None:
+        grad = grad * weight
+    if bias is not None:
+        grad = grad.add_(grad_b.view(n, ch) * bias)
+    return grad.view(n, ch, 1, 1)
 
 
 class _Recompute:
@@ -836,7 +894,9 @@ def _train_attention_tail(
     x, mean, invstd = _bn_train_forward(bn, c)
     attn._check_input(x)
     gate = _channel_weights(attn, x)
-    y = BNGateResidualReLU.apply(x, gate, identity, c, bn.weight, bn.bias, mean, invstd)
+    # the module's own average pool saves nothing of x; an overriding subclass might
+    inplace = not _overrides(attn, ChannelAttention, "attention", "describe")
+    y = BNGateResidualReLU.apply(x, gate, identity, c, bn.weight, bn.bias, mean, invstd, inplace)
     assert isinstance(y, torch.Tensor)  # for mypy: apply() is untyped
     return y
 
