@@ -473,14 +473,15 @@ def test_mean_backward_is_the_expanded_quotient(dims: list[int]) -> None:
     assert torch.autograd.gradgradcheck(lambda t: mean(t, dims) ** 2, (small,))
 
 
+@pytest.mark.parametrize("width", [11, 21])  # output widths below 16 and from 16 on
 @pytest.mark.parametrize("padding", [(3, 2), (0, 0), (6, 4), (1, 3)])
-def test_single_output_conv2d_gradients(padding: tuple[int, int]) -> None:
-    """The faster backward of spatial attention's k x k convolution against the numerical
-    Jacobian, twice differentiable, and equal to autograd's conv2d."""
+def test_single_output_conv2d_gradients(padding: tuple[int, int], width: int) -> None:
+    """The faster forward and backward of spatial attention's k x k convolution against the
+    numerical Jacobian, twice differentiable, and equal to autograd's conv2d."""
     from convattn.fast import _SingleOutputConv2d
 
     torch.manual_seed(0)
-    x = torch.randn(3, 2, 9, 11, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 2, 9, width, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(1, dtype=torch.float64, requires_grad=True)
 
@@ -491,12 +492,40 @@ def test_single_output_conv2d_gradients(padding: tuple[int, int]) -> None:
     assert torch.autograd.gradgradcheck(fast, (x, weight, bias))
     out = fast(x, weight, bias)
     expected = F.conv2d(x, weight, bias, padding=padding)
-    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, weight, bias), grad)
     want = torch.autograd.grad(expected, (x, weight, bias), grad)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "padding", "bias"),
+    [
+        ((7, 7), (3, 3), True),
+        ((3, 5), (0, 2), False),
+        ((1, 1), (0, 0), True),
+        ((5, 3), (4, 0), True),
+    ],
+)
+def test_single_output_conv_rows_equals_conv2d(
+    kernel: tuple[int, int], padding: tuple[int, int], bias: bool
+) -> None:
+    """The banded-matrix convolution to one channel against oneDNN's / ATen's conv2d, in
+    float32 at CBAM's training sizes and in float64 on odd ones."""
+    from convattn.fast import _single_output_conv_rows
+
+    torch.manual_seed(0)
+    for shape, dtype, tol in (
+        ((16, 2, 32, 32), torch.float32, 1e-5),
+        ((3, 4, 7, 19), torch.float64, 1e-12),
+    ):
+        x = torch.randn(shape, dtype=dtype)
+        weight = torch.randn(1, shape[1], *kernel, dtype=dtype)
+        b = torch.randn(1, dtype=dtype) if bias else None
+        got = _single_output_conv_rows(x, weight, b, padding)
+        torch.testing.assert_close(got, F.conv2d(x, weight, b, padding=padding), rtol=tol, atol=tol)
 
 
 def test_single_output_conv2d_applies_only_where_it_knows_how() -> None:
