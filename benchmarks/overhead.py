@@ -28,7 +28,7 @@ gives the same widths on ResNet-50), CBAM's MLP with biases, GC with add fusion 
 ECA: convattn uses the released per-stage kernels 3, 5, 5, 7, timm its adaptive 5, 5, 5, 7.
 timm has no scSE; its column says n/a.
 
-    python benchmarks/overhead.py                 # the full run (about 10 minutes on 2 cores)
+    python benchmarks/overhead.py                 # the full run (about 12 minutes on 2 cores)
     python benchmarks/overhead.py --quick         # smoke run: small inputs, few rounds
     python benchmarks/overhead.py --device cuda   # the same ratios on a GPU
 """
@@ -305,7 +305,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--train-repeats", type=int, default=None)
+    parser.add_argument(
+        "--train-repeats", type=int, default=None, help="training rounds (default 40)"
+    )
     parser.add_argument(
         "--instances",
         type=int,
@@ -325,8 +327,8 @@ def main() -> None:
         args.instances = 1 if args.quick else 3
     if args.instances < 1:
         parser.error("--instances must be at least 1")
-    if args.train_repeats is None:
-        args.train_repeats = 2 if args.quick else 10
+    if args.train_repeats is None:  # one step a round: ten rounds moved ratios by +-0.03
+        args.train_repeats = 2 if args.quick else 40
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("benchmarks/overhead.py: --device cuda given but CUDA is not available")
     device = torch.device(args.device)
