@@ -172,11 +172,13 @@ class BNGateResidualReLU(torch.autograd.Function):
     statistics ``mean``, ``invstd``), saving ``c``, the statistics, ``g`` and ``y`` only.
 
     ``x`` is an input (its gradient flows back into the BatchNorm and into whatever else
-    used it, e.g. the attention's average pool), but it is not saved: backward recomputes it
-    from ``c``. ``g`` has shape ``(N, C, 1, 1)`` or ``(N, 1, H, W)``. With ``inplace`` (the
-    last argument) ``y`` is written into ``x``, which must then be a non-leaf tensor that
-    nothing saved for backward (a BatchNorm's output, read by an average pool, is one): the
-    block's output goes into memory that is already in cache instead of a new map.
+    used it, e.g. the attention's average pool), but it is not saved. ``g`` has shape
+    ``(N, C, 1, 1)`` or ``(N, 1, H, W)``; the gradient of a channel gate comes from ``c`` and
+    the statistics in one pass (:func:`_channel_gate_grad`), that of a spatial gate from
+    ``x`` rebuilt from ``c``. With ``inplace`` (the last argument) ``y`` is written into
+    ``x``, which must then be a non-leaf tensor that nothing saved for backward (a
+    BatchNorm's output, read by an average pool, is one): the block's output goes into
+    memory that is already in cache instead of a new map.
     """
 
     @staticmethod
