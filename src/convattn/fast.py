@@ -323,11 +323,16 @@ class _CbamChannelPool(torch.autograd.Function):
 
 class _CbamSpatialPool(torch.autograd.Function):
     """``[amax_c(x * cw); mean_c(x * cw)]`` (CBAM's spatial descriptor of the channel-gated
-    map) without saving ``x`` or ``x * cw``."""
+    map) without saving ``x`` or ``x * cw``.
+
+    ``x * cw`` is written into ``x``: the block made ``x`` (the BatchNorm output), nothing
+    saved it and nothing reads it after this (the backward passes rebuild it from the recipe),
+    so its memory, still in cache, is reused instead of a new map. ``x`` stays the input of
+    the functions that follow only as the node their gradients flow to."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, cw: torch.Tensor, recipe: _Recompute) -> torch.Tensor:
-        x1 = x * cw
+        x1 = x.mul_(cw)
         out = torch.cat([x1.amax(1, keepdim=True), x1.mean(1, keepdim=True)], dim=1)
         recipe.gated = x1  # for _CbamApply's forward
         ctx.recipe = recipe
