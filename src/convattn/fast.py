@@ -345,8 +345,8 @@ class _CbamSpatialPool(torch.autograd.Function):
         x = ctx.recipe.get()
         x1 = ctx.recipe.take_gated(x, cw)  # from _CbamApply's backward
         grad_x1 = mean_amax_backward(x1, out[:, :1], grad[:, 1:], grad[:, :1], [1])
+        grad_cw = torch.mul(grad_x1, x, out=x1).sum((2, 3), keepdim=True)  # x1's memory
         del x1
-        grad_cw = (grad_x1 * x).sum((2, 3), keepdim=True)
         return grad_x1.mul_(cw), grad_cw, None
 
 
