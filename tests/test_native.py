@@ -1,0 +1,280 @@
+"""convattn's native CPU kernels (``convattn._native``) and the CBAM training path built on
+them, checked against CBAM written from the paper's equations in float64."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convattn import _native
+from convattn.fast import _CbamTailNative, _train_cbam_tail, set_fast_paths
+from convattn.layers.cbam import CBAM
+from convattn.models import create_model
+from convattn.profile import TensorMemoryTracker
+
+
+def _batch_norm(bn: nn.BatchNorm2d, c: torch.Tensor) -> torch.Tensor:
+    """Training-mode BatchNorm from its definition: batch mean and biased variance."""
+    mean = c.mean((0, 2, 3), keepdim=True)
+    var = ((c - mean) ** 2).mean((0, 2, 3), keepdim=True)
+    x = (c - mean) / torch.sqrt(var + bn.eps)
+    if bn.weight is not None:
+        x = x * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    return x
+
+
+def _cbam_tail_reference(
+    c: torch.Tensor, identity: torch.Tensor, bn: nn.BatchNorm2d, attn: CBAM
+) -> torch.Tensor:
+    """relu(CBAM(BN(c)) + identity) from the CBAM paper's eqs. 2-3 (official layout: the
+    spatial descriptor is [max; mean] over channels, a BatchNorm after the 7x7 convolution).
+    Max pools are torch.amax, whose gradient is shared between tied maxima."""
+    x = _batch_norm(bn, c)
+    cg, sg = attn.channel_gate, attn.spatial_gate
+
+    def mlp(z: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(z @ cg.fc1.weight.t() + cg.fc1.bias)
+        return hidden @ cg.fc2.weight.t() + cg.fc2.bias
+
+    m_c = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))  # eq. 2
+    x1 = x * m_c[:, :, None, None]
+    desc = torch.cat([x1.amax(1, keepdim=True), x1.mean(1, keepdim=True)], dim=1)
+    conv = sg.conv
+    logits = F.conv2d(desc, conv.weight, conv.bias, padding=conv.padding)
+    m_s = torch.sigmoid(_batch_norm(sg.bn, logits))  # eq. 3
+    return torch.relu(x1 * m_s + identity)
+
+
+def _tail_parts(channels: int, seed: int) -> tuple[nn.BatchNorm2d, CBAM]:
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(channels)
+    attn = CBAM(channels, rd_channels=4)
+    with torch.no_grad():
+        bn.weight.uniform_(-1.5, 1.5)  # negative scales: the channel maximum is BN(min c)
+        bn.bias.uniform_(-0.5, 0.5)
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return bn.train(), attn.train()
+
+
+def _grads(
+    fn: object,
+    c: torch.Tensor,
+    identity: torch.Tensor,
+    bn: nn.BatchNorm2d,
+    attn: CBAM,
+    grad: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    c = c.clone().requires_grad_()
+    identity = identity.clone().requires_grad_()
+    y = fn(c, identity, bn, attn)  # type: ignore[operator]
+    params = dict(bn.named_parameters(prefix="bn")) | dict(attn.named_parameters(prefix="attn"))
+    names = list(params)
+    got = torch.autograd.grad(y, [c, identity, *params.values()], grad.to(y.dtype))
+    return y.detach(), {"c": got[0], "identity": got[1]} | dict(zip(names, got[2:], strict=True))
+
+
+def _native_tail(
+    c: torch.Tensor, identity: torch.Tensor, bn: nn.BatchNorm2d, attn: CBAM
+) -> torch.Tensor:
+    y = _train_cbam_tail(c, identity, bn, attn)
+    assert y is not None and _is_native(y)
+    return y
+
+
+def _is_native(y: torch.Tensor) -> bool:
+    return type(y.grad_fn).__name__ == f"{_CbamTailNative.__name__}Backward"
+
+
+requires_native = pytest.mark.skipif(
+    _native.library() is None, reason="no C compiler: the native kernels cannot be built"
+)
+
+
+def test_kernels_build_on_this_machine() -> None:
+    """CI and development machines have a C compiler: the kernels must build here (a missing
+    compiler would otherwise skip every test below silently)."""
+    assert _native.library() is not None
+
+
+@requires_native
+@pytest.mark.parametrize(
+    ("shape", "case"),
+    [
+        ((8, 16, 12, 12), "random"),
+        ((3, 5, 7, 9), "random"),
+        ((4, 32, 32, 32), "random"),
+        ((6, 16, 10, 10), "zero_init"),  # BN weight 0: every value tied, in both pools
+        ((6, 16, 10, 10), "constant_channels"),  # some BN weights 0: whole rows tied
+        ((5, 8, 6, 6), "no_affine"),
+    ],
+)
+def test_native_cbam_tail_matches_the_equations(shape: tuple[int, ...], case: str) -> None:
+    n, ch, h, w = shape
+    bn, attn = _tail_parts(ch, seed=sum(shape))
+    if case == "no_affine":
+        bn = nn.BatchNorm2d(ch, affine=False).train()
+    with torch.no_grad():
+        if case == "zero_init":
+            bn.weight.zero_()
+            bn.bias.zero_()
+        elif case == "constant_channels":
+            bn.weight[::3] = 0.0
+    c = torch.randn(n, ch, h, w) * 2 + 0.5
+    identity = torch.randn(n, ch, h, w)
+    grad = torch.randn(n, ch, h, w)
+    ref_bn, ref_attn = copy.deepcopy(bn).double(), copy.deepcopy(attn).double()
+    y, got = _grads(_native_tail, c, identity, bn, attn, grad)
+    y_ref, want = _grads(
+        _cbam_tail_reference, c.double(), identity.double(), ref_bn, ref_attn, grad
+    )
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-5)
+    for name, value in want.items():
+        scale = value.abs().max().item() + 1e-6
+        torch.testing.assert_close(
+            got[name].double() / scale, value / scale, rtol=0, atol=2e-5, msg=name
+        )
+    # running statistics as nn.BatchNorm2d updates them (float64 module on the same input),
+    # once per step, the spatial gate's BatchNorm's too
+    reference = nn.BatchNorm2d(ch, affine=False).double().train()
+    reference(c.double())
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(
+            getattr(bn, name).double(), getattr(reference, name).double(), msg=name
+        )
+    assert int(attn.spatial_gate.bn.num_batches_tracked) == 1
+
+
+@requires_native
+def test_native_results_agree_across_thread_counts() -> None:
+    bn, attn = _tail_parts(16, seed=3)
+    c, identity, grad = (torch.randn(6, 16, 20, 20) for _ in range(3))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(
+                _grads(_native_tail, c, identity, copy.deepcopy(bn), copy.deepcopy(attn), grad)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    # the kernels split images between threads; PyTorch's own parts (the convolution) may
+    # round differently with another thread count
+    for y, got in results[1:]:
+        torch.testing.assert_close(y, results[0][0], rtol=1e-5, atol=1e-6)
+        for name, value in got.items():
+            torch.testing.assert_close(value, results[0][1][name], rtol=1e-4, atol=1e-6)
+
+
+@requires_native
+def test_resnet_training_native_matches_the_torch_path_and_saves_memory() -> None:
+    """A float32 CBAM-ResNet-20 training step: the native kernels, the PyTorch fast path and
+    the direct graph agree; the native path keeps no more memory than the PyTorch one."""
+    torch.manual_seed(0)
+    native = create_model("cifar_resnet20", attention="cbam").train()
+    torch_path = copy.deepcopy(native)
+    direct = copy.deepcopy(native)
+    set_fast_paths(torch_path, native=False)
+    set_fast_paths(direct, False)
+    x = torch.randn(16, 3, 32, 32)
+    target = torch.randint(10, (16,))
+    peaks, grads = [], []
+    for model in (native, torch_path, direct):
+        model.zero_grad(set_to_none=True)
+        with TensorMemoryTracker() as tracker:
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+        peaks.append(tracker.peak_bytes)
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for name, value in grads[2].items():
+        scale = value.abs().max().item() + 1e-6
+        for got in grads[:2]:
+            torch.testing.assert_close(got[name] / scale, value / scale, rtol=0, atol=1e-4)
+    assert peaks[0] <= peaks[1] < 0.85 * peaks[2], peaks
+
+
+@requires_native
+def test_native_path_steps_aside() -> None:
+    """float64, channels_last and native=False take the PyTorch path."""
+    bn, attn = _tail_parts(16, seed=1)
+    c = torch.randn(2, 16, 8, 8)
+    identity = torch.randn(2, 16, 8, 8)
+    for args in (
+        (c.double(), identity.double(), copy.deepcopy(bn).double(), copy.deepcopy(attn).double()),
+        (
+            c.contiguous(memory_format=torch.channels_last),
+            identity.contiguous(memory_format=torch.channels_last),
+            bn,
+            attn,
+        ),
+    ):
+        y = _train_cbam_tail(*args)
+        assert y is not None and not _is_native(y)
+    y = _train_cbam_tail(c, identity, bn, attn, native=False)
+    assert y is not None and not _is_native(y)
+    y = _train_cbam_tail(c, identity, bn, attn)
+    assert y is not None and _is_native(y)
+    with pytest.raises(TypeError, match="set_fast_paths: native must be a bool"):
+        set_fast_paths(nn.Sequential(), native="no")  # type: ignore[arg-type]
+
+
+@requires_native
+def test_native_backward_is_once_differentiable() -> None:
+    bn, attn = _tail_parts(16, seed=2)
+    c = torch.randn(2, 16, 8, 8, requires_grad=True)
+    y = _train_cbam_tail(c, torch.randn(2, 16, 8, 8), bn, attn)
+    assert y is not None
+    (g,) = torch.autograd.grad(y.square().sum(), c, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
+        g.sum().backward()
+
+
+def test_build_caches_and_writes_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if _native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CONVATTN_CACHE_DIR", str(tmp_path / "cache"))
+    assert _native.cache_dir() == tmp_path / "cache"
+    path = _native.build()
+    assert path.parent == tmp_path / "cache" and path.suffix == ".so"
+    stamp = path.stat().st_mtime_ns
+    assert _native.build() == path and path.stat().st_mtime_ns == stamp  # cached
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    # a compiler failure raises with the compiler's message and leaves nothing behind
+    monkeypatch.setattr(_native, "FLAGS", [*_native.FLAGS, "-fno-such-convattn-flag"])
+    with pytest.raises(_native.NativeBuildError, match=r"(?s)failed.*no-such-convattn-flag"):
+        _native.build()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_without_a_compiler_the_library_warns_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_native, "_compiler", lambda: None)
+    monkeypatch.setattr(_native, "_loaded", None)
+    monkeypatch.setattr(_native, "_failed", False)
+    with pytest.raises(_native.NativeBuildError, match="no C compiler found"):
+        _native.build()
+    with pytest.warns(RuntimeWarning, match="falls back to its PyTorch fast paths"):
+        assert _native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        assert _native.library() is None
+        bn, attn = _tail_parts(16, seed=4)
+        y = _train_cbam_tail(torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8), bn, attn)
+    assert y is not None and not _is_native(y)
+
+
+def test_environment_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVATTN_NATIVE", "0")
+    assert _native.library() is None
+    monkeypatch.setenv("CONVATTN_NATIVE", "1")
+    assert (_native.library() is None) == (_native._compiler() is None)
