@@ -13,8 +13,9 @@ percent on a CPU (memory placement), as much as the effects measured here.
    with the same attention layer in the same place (against timm's plain ResNet-50).
 2. Training throughput, CIFAR ResNet-20 at batch 128 (forward, cross-entropy, backward):
    images/s with SE and CBAM relative to the plain network, for convattn's fast paths and for
-   the direct implementation (``convattn.fast.set_fast_paths(model, False)``) and CBAM without
-   its memory-saving recomputation (``set_fast_paths(model, recompute=False)``); then the
+   the direct implementation (``convattn.fast.set_fast_paths(model, False)``), CBAM on its
+   PyTorch fast path instead of the native kernels (``set_fast_paths(model, native=False)``)
+   and CBAM without its memory-saving recomputation (``recompute=False``); then the
    same networks through ``convattn.optimize(model, compile=True)``, each against the
    compiled plain network (first compiles take about a minute in all; ``--no-compile``
    skips them).
@@ -82,10 +83,14 @@ def timm_resnet50(mechanism: str | None) -> nn.Module | None:
 
 
 def convattn_model(
-    name: str, mechanism: str | None, fast: bool = True, recompute: bool = True
+    name: str,
+    mechanism: str | None,
+    fast: bool = True,
+    recompute: bool = True,
+    native: bool = True,
 ) -> nn.Module:
     model = create_model(name, attention=mechanism, placement=PLACEMENT.get(mechanism or ""))
-    set_fast_paths(model, fast, recompute=recompute)
+    set_fast_paths(model, fast, recompute=recompute, native=native)
     return model
 
 
@@ -218,6 +223,7 @@ def training_table(args: argparse.Namespace, device: torch.device) -> None:
         ("se", convattn_model("cifar_resnet20", "se")),
         ("se direct", convattn_model("cifar_resnet20", "se", fast=False)),
         ("cbam", convattn_model("cifar_resnet20", "cbam")),
+        ("cbam torch", convattn_model("cifar_resnet20", "cbam", native=False)),
         ("cbam direct", convattn_model("cifar_resnet20", "cbam", fast=False)),
         ("cbam no-rec.", convattn_model("cifar_resnet20", "cbam", recompute=False)),
     ]

@@ -1,5 +1,6 @@
-"""convattn's native CPU kernels (``convattn._native``) and the CBAM training path built on
-them, checked against CBAM written from the paper's equations in float64."""
+"""convattn's native CPU kernels (``convattn._native``) and the fast paths built on them
+(CBAM training; SE, ECA and scSE inference), checked against the mechanisms written from
+their papers' equations in float64."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from convattn import _native
-from convattn.fast import _CbamTailNative, _train_cbam_tail, set_fast_paths
+from convattn.fast import (
+    _CbamTailNative,
+    _native_channel_tail,
+    _train_cbam_tail,
+    set_fast_paths,
+)
 from convattn.layers.cbam import CBAM
+from convattn.layers.channel import ChannelAttention
+from convattn.layers.scse import ChannelSpatialSE
 from convattn.models import create_model
 from convattn.profile import TensorMemoryTracker
+from convattn.registry import create
 
 
 def _batch_norm(bn: nn.BatchNorm2d, c: torch.Tensor) -> torch.Tensor:
@@ -278,3 +287,101 @@ def test_environment_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _native.library() is None
     monkeypatch.setenv("CONVATTN_NATIVE", "1")
     assert (_native.library() is None) == (_native._compiler() is None)
+
+
+# Inference: SE / ECA / scSE tails in one native call
+
+
+def _channel_weights_reference(attn: ChannelAttention, x: torch.Tensor) -> torch.Tensor:
+    """SE (eq. 2-3 of Hu et al.) or ECA (eq. 5 with a 1-D convolution across channels)."""
+    z = x.mean((2, 3))
+    if hasattr(attn, "fc1"):
+        hidden = torch.relu(z @ attn.fc1.weight.t() + attn.fc1.bias)
+        logits = hidden @ attn.fc2.weight.t() + attn.fc2.bias
+    else:
+        k = attn.conv.kernel_size[0]
+        padded = F.pad(z, ((k - 1) // 2, (k - 1) // 2))
+        logits = sum(
+            attn.conv.weight.flatten()[i] * padded[:, i : i + z.shape[1]] for i in range(k)
+        )
+    if isinstance(attn.gate, nn.Hardsigmoid):
+        return torch.clamp(logits / 6 + 0.5, 0, 1)[:, :, None, None]
+    return torch.sigmoid(logits)[:, :, None, None]
+
+
+def _eval_tail_reference(attn: nn.Module, x: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    if isinstance(attn, ChannelSpatialSE):
+        cse = x * _channel_weights_reference(attn.cse, x)
+        conv = attn.sse.conv
+        sse = (
+            x
+            * torch.sigmoid(torch.einsum("c,nchw->nhw", conv.weight.flatten(), x) + conv.bias)[
+                :, None
+            ]
+        )
+        fused = torch.maximum(cse, sse) if attn.fusion == "max" else cse + sse
+    else:
+        fused = x * _channel_weights_reference(attn, x)
+    return torch.relu(fused + identity)
+
+
+@requires_native
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("se", {}),
+        ("se", {"gate_layer": "hard_sigmoid"}),
+        ("eca", {}),
+        ("eca", {"kernel_size": 5}),
+        ("scse", {}),
+        ("scse", {"fusion": "sum"}),
+        ("cse", {}),
+    ],
+)
+@pytest.mark.parametrize("shape", [(1, 32, 9, 7), (3, 64, 14, 14)])
+def test_native_eval_tail_matches_the_equations(
+    name: str, options: dict[str, object], shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(len(name) + shape[1])
+    attn = create(name, channels=shape[1], **options).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    x, identity = torch.randn(shape), torch.randn(shape)
+    with torch.no_grad():
+        want = _eval_tail_reference(copy.deepcopy(attn).double(), x.double(), identity.double())
+        got = _native_channel_tail(attn, x, identity, owned=False)
+        assert got is not None
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        owned = x.clone()
+        got_inplace = _native_channel_tail(attn, owned, identity, owned=True)
+        assert got_inplace is owned  # written into the block's own map
+        torch.testing.assert_close(got_inplace, got, rtol=0, atol=0)
+
+
+@requires_native
+def test_native_eval_tail_steps_aside() -> None:
+    """Layers the kernel does not know, float64, non-contiguous maps and hooks: None."""
+    x, identity = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+    se = create("se", channels=32).eval()
+    assert _native_channel_tail(se, x, identity, False) is not None
+    assert _native_channel_tail(se, x.double(), identity.double(), False) is None
+    assert _native_channel_tail(se, x.transpose(2, 3), identity, False) is None
+    gelu = create("se", channels=32, act_layer="gelu").eval()
+    assert _native_channel_tail(gelu, x, identity, False) is None
+    handle = se.fc1.register_forward_hook(lambda *args: None)
+    assert _native_channel_tail(se, x, identity, False) is None
+    handle.remove()
+    assert _native_channel_tail(create("cbam", channels=32).eval(), x, identity, False) is None
+
+
+@requires_native
+@pytest.mark.parametrize("attention", ["se", "eca", "scse"])
+def test_resnet_inference_native_matches_the_torch_path(attention: str) -> None:
+    torch.manual_seed(0)
+    native = create_model("resnet50", attention=attention).eval()
+    torch_path = copy.deepcopy(native)
+    set_fast_paths(torch_path, native=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(native(x), torch_path(x), rtol=1e-4, atol=1e-5)

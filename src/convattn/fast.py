@@ -876,13 +876,159 @@ def _scse_fuse(
         out.add_(recalibrated)
 
 
+def _float32_weights(*tensors: torch.Tensor | None) -> bool:
+    return all(
+        t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+        for t in tensors
+    )
+
+
+def _native_excitation(attn: ChannelAttention) -> dict[str, Any] | None:
+    """The arguments of ``channel_eval_tail`` that describe ``attn``'s excitation and gate,
+    or None when the kernel does not know them: average pooling, an MLP of two ``nn.Linear``
+    (or 1x1 ``nn.Conv2d``) layers with ``nn.ReLU`` between, or ECA's ``nn.Conv1d(1, 1, k)``
+    with zero padding ``(k - 1) / 2``, and a Sigmoid or Hardsigmoid gate; no overridden
+    methods and no hooks on any of its layers."""
+    gate = {nn.Sigmoid: 0, nn.Hardsigmoid: 1}.get(type(attn.gate))
+    if attn.pool != "avg" or gate is None:
+        return None
+    if _overrides(attn, ChannelAttention, "attention", "describe", "excite"):
+        return None
+    if hasattr(attn, "fc1"):
+        fc1, act, fc2 = attn.fc1, attn.act, attn.fc2
+        if type(act) is not nn.ReLU or _any_hooks(fc1, act, fc2, attn.gate):
+            return None
+        weights = []
+        for fc in (fc1, fc2):
+            if type(fc) is nn.Linear:
+                weights.append(fc.weight)
+            elif type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1:
+                weights.append(fc.weight.flatten(1))
+            else:
+                return None
+        if not _float32_weights(*weights, fc1.bias, fc2.bias):
+            return None
+        return {
+            "excitation": 0,
+            "mlp": (weights[0], fc1.bias, weights[1], fc2.bias, weights[0].shape[0]),
+            "conv": (None, 0, 0.0),
+            "gate": gate,
+        }
+    conv = attn.conv
+    if (
+        type(conv) is not nn.Conv1d
+        or _any_hooks(conv, attn.gate)
+        or conv.in_channels != 1
+        or conv.out_channels != 1
+        or conv.stride != (1,)
+        or conv.dilation != (1,)
+        or conv.padding_mode != "zeros"
+        or conv.padding != ((conv.kernel_size[0] - 1) // 2,)
+        or conv.kernel_size[0] % 2 != 1
+        or not _float32_weights(conv.weight, conv.bias)
+    ):
+        return None
+    bias = 0.0 if conv.bias is None else float(conv.bias)
+    return {
+        "excitation": 1,
+        "mlp": (None, None, None, None, 0),
+        "conv": (conv.weight, conv.kernel_size[0], bias),
+        "gate": gate,
+    }
+
+
+def _native_channel_tail(
+    attn: nn.Module, out: torch.Tensor, identity: torch.Tensor, owned: bool
+) -> torch.Tensor | None:
+    """``relu(attn(out) + identity)`` in one call of :mod:`convattn._native`'s
+    ``channel_eval_tail`` for SE / ECA-style channel attention and scSE (float32 contiguous
+    CPU maps, known layers); None when it does not apply."""
+    if not (
+        out.device.type == "cpu"
+        and out.dtype == torch.float32
+        and identity.dtype == torch.float32
+        and out.dim() >= 3
+        and out.is_contiguous()
+        and identity.is_contiguous()
+    ):
+        return None
+    sse: SpatialSE | None = None
+    channel: nn.Module = attn
+    fusion = "max"
+    if isinstance(attn, ChannelSpatialSE):
+        channel, sse, fusion = attn.cse, attn.sse, attn.fusion
+        conv = sse.conv
+        if (
+            fusion not in ("max", "sum")
+            or type(sse.gate) is not nn.Sigmoid
+            or _any_hooks(attn.cse, sse, conv, sse.gate)
+            or _overrides(sse, SpatialSE, "attention")
+            or not _is_plain_conv_to_one(conv)
+            or conv.kernel_size != (1, 1)
+            or conv.padding != (0, 0)
+            or not _float32_weights(conv.weight, conv.bias)
+        ):
+            return None
+    if not isinstance(channel, ChannelAttention):
+        return None
+    spec = _native_excitation(channel)
+    if spec is None:
+        return None
+    from convattn import _native as native_module
+
+    lib = native_module.library()
+    if lib is None:
+        return None
+    n, c = out.shape[:2]
+    p = out[0, 0].numel()
+    threads = torch.get_num_threads()
+    w1, b1, w2, b2, r = spec["mlp"]
+    kernel, k, kernel_bias = spec["conv"]
+    sse_w = sse_b = None
+    if sse is not None:
+        sse_w, sse_b = sse.conv.weight, sse.conv.bias
+    work = torch.empty(2 * n * c + n * r + (0 if sse is None else (threads + 1) * n * p))
+    result = out if owned else torch.empty_like(out)
+    null = 0
+    lib.channel_eval_tail(
+        out.data_ptr(),
+        identity.data_ptr(),
+        n,
+        c,
+        p,
+        spec["excitation"],
+        *(null if t is None else t.data_ptr() for t in (w1, b1, w2, b2)),
+        r,
+        null if kernel is None else kernel.data_ptr(),
+        k,
+        kernel_bias,
+        spec["gate"],
+        null if not isinstance(sse_w, torch.Tensor) else sse_w.data_ptr(),
+        float(sse_b) if isinstance(sse_b, torch.Tensor) else 0.0,
+        0 if fusion == "max" else 1,
+        work.data_ptr(),
+        result.data_ptr(),
+        threads,
+    )
+    return result
+
+
 def _eval_attention_tail(
-    attn: nn.Module, out: torch.Tensor, identity: torch.Tensor, owned: bool = False
+    attn: nn.Module,
+    out: torch.Tensor,
+    identity: torch.Tensor,
+    owned: bool = False,
+    native: bool = True,
 ) -> torch.Tensor | None:
     """``relu(attn(out) + identity)`` fused, for known attention types; None otherwise.
-    ``owned``: ``out`` is a fresh tensor of the block's, free to be overwritten."""
+    ``owned``: ``out`` is a fresh tensor of the block's, free to be overwritten. ``native``:
+    SE / ECA-style channel attention and scSE may run in one native kernel call."""
     if identity.shape != out.shape:
         return None
+    if native and isinstance(attn, (ChannelAttention, ChannelSpatialSE)):
+        result = _native_channel_tail(attn, out, identity, owned)
+        if result is not None:
+            return result
     if isinstance(attn, ChannelAttention):
         attn._check_input(out)
         return gate_residual_relu(out, _channel_gate(attn, out), identity, inplace=owned)
@@ -1257,7 +1403,7 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         if result is not None:
             return result
     out = last_bn(out)
-    result = _eval_attention_tail(attn, out, identity, owned)
+    result = _eval_attention_tail(attn, out, identity, owned, getattr(block, "fast_native", True))
     if result is None:
         result = block.relu(attn(out) + identity)
     return result

@@ -1,7 +1,9 @@
 """convattn's native CPU kernels: plain C (no PyTorch headers), compiled with the system's C
 compiler on first use and loaded with :mod:`ctypes`.
 
-The library compiles ``cbam_train.c`` once per source version, compiler and machine into
+The library compiles this folder's C files (``cbam_train.c``: CBAM's training tail;
+``channel_eval.c``: the inference tail of SE, ECA and scSE) into one shared library, once per
+source version, compiler and machine, into
 ``$CONVATTN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/convattn`` or ``~/.cache/convattn``), which
 takes about a second; later processes load the cached library. Without a compiler, or with
 ``CONVATTN_NATIVE=0`` in the environment, :func:`library` returns None and the fast paths that
@@ -20,10 +22,11 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 __all__ = ["NativeBuildError", "build", "cache_dir", "library"]
 
-SOURCE = Path(__file__).with_name("cbam_train.c")
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))
 # -ffp-contract=off: x * s + b must round as in eager PyTorch (a multiply, then an add), so
 # that a value recomputed in backward equals the maximum the forward pass found.
 FLAGS = [
@@ -40,7 +43,7 @@ LIBS = ["-lm"]
 _L = ctypes.c_long
 _I = ctypes.c_int
 # (name, argument types): every pointer is passed as a c_void_p address.
-_SIGNATURES: dict[str, list[type]] = {
+_SIGNATURES: dict[str, list[Any]] = {
     "cbam_row_stats": [ctypes.c_void_p] * 1 + [_L] * 3 + [ctypes.c_void_p] * 6 + [_I],
     "cbam_spatial_pool": [ctypes.c_void_p] * 4 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_apply": [ctypes.c_void_p] * 6 + [_L] * 3 + [ctypes.c_void_p] + [_I],
@@ -48,6 +51,13 @@ _SIGNATURES: dict[str, list[type]] = {
     "cbam_backward_gate": [ctypes.c_void_p] * 10 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_backward_sums": [ctypes.c_void_p] * 14 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_backward_input": [ctypes.c_void_p] * 16 + [_L] * 3 + [ctypes.c_void_p] + [_I],
+    "channel_eval_tail": [ctypes.c_void_p] * 2
+    + [_L] * 3
+    + [_I]
+    + [ctypes.c_void_p] * 4
+    + [_L, ctypes.c_void_p, _L, ctypes.c_float, _I, ctypes.c_void_p, ctypes.c_float, _I]
+    + [ctypes.c_void_p] * 2
+    + [_I],
 }
 
 
@@ -91,11 +101,12 @@ def _library_path(compiler: str) -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS + LIBS).encode(), version.encode()):
+    parts = [*(source.read_bytes() for source in SOURCES), " ".join(FLAGS + LIBS).encode()]
+    for part in (*parts, version.encode()):
         key.update(part)
         key.update(b"\0")
     key.update(_machine_key().encode())
-    return cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:20]}.so"
+    return cache_dir() / f"kernels-{key.hexdigest()[:20]}.so"
 
 
 def build() -> Path:
@@ -116,7 +127,7 @@ def build() -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE), *LIBS],
+            [compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), *LIBS],
             capture_output=True,
             text=True,
             timeout=300,
