@@ -16,6 +16,7 @@ from torch import nn
 from convattn import _native
 from convattn.fast import (
     _CbamTailNative,
+    _native_cbam_tail,
     _native_channel_tail,
     _train_cbam_tail,
     set_fast_paths,
@@ -373,10 +374,13 @@ def test_native_eval_tail_steps_aside() -> None:
     assert _native_channel_tail(se, x, identity, False) is None
     handle.remove()
     assert _native_channel_tail(create("cbam", channels=32).eval(), x, identity, False) is None
+    assert (
+        _native_cbam_tail(create("cbam", channels=32).eval(), x.double(), identity, False) is None
+    )
 
 
 @requires_native
-@pytest.mark.parametrize("attention", ["se", "eca", "scse"])
+@pytest.mark.parametrize("attention", ["se", "eca", "scse", "cbam"])
 def test_resnet_inference_native_matches_the_torch_path(attention: str) -> None:
     torch.manual_seed(0)
     native = create_model("resnet50", attention=attention).eval()
@@ -385,3 +389,52 @@ def test_resnet_inference_native_matches_the_torch_path(attention: str) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(native(x), torch_path(x), rtol=1e-4, atol=1e-5)
+
+
+def _cbam_eval_reference(attn: CBAM, x: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """relu(CBAM(x) + identity) in eval mode from eqs. 2-3 (the spatial gate's BatchNorm
+    with its running statistics)."""
+    cg, sg = attn.channel_gate, attn.spatial_gate
+
+    def mlp(z: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(z @ cg.fc1.weight.t() + cg.fc1.bias)
+        return hidden @ cg.fc2.weight.t() + cg.fc2.bias
+
+    def gate(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(cg.gate, nn.Hardsigmoid):
+            return torch.clamp(t / 6 + 0.5, 0, 1)
+        return torch.sigmoid(t)
+
+    x1 = x * gate(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))[:, :, None, None]
+    desc = torch.cat([x1.amax(1, keepdim=True), x1.mean(1, keepdim=True)], dim=1)
+    logits = F.conv2d(desc, sg.conv.weight, sg.conv.bias, padding=sg.conv.padding)
+    bn = sg.bn
+    logits = (logits - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    logits = logits * bn.weight + bn.bias
+    return torch.relu(x1 * gate(logits) + identity)
+
+
+@requires_native
+@pytest.mark.parametrize("options", [{}, {"kernel_size": 3}, {"gate_layer": "hard_sigmoid"}])
+@pytest.mark.parametrize("shape", [(1, 32, 9, 7), (3, 64, 14, 14), (2, 32, 30, 20)])
+def test_native_cbam_eval_tail_matches_the_equations(
+    options: dict[str, object], shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(shape[1] + shape[2])
+    attn = create("cbam", channels=shape[1], **options).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        attn.spatial_gate.bn.running_mean.fill_(0.2)
+        attn.spatial_gate.bn.running_var.fill_(1.7)
+    x, identity = torch.randn(shape), torch.randn(shape)
+    with torch.no_grad():
+        want = _cbam_eval_reference(copy.deepcopy(attn).double(), x.double(), identity.double())
+        got = _native_cbam_tail(attn, x, identity, owned=False)
+        assert got is not None
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        owned = x.clone()
+        assert _native_cbam_tail(attn, owned, identity, owned=True) is owned
+        torch.testing.assert_close(owned, got, rtol=0, atol=0)
+        attn.spatial_gate.bn.train()  # batch statistics: not the kernel's
+        assert _native_cbam_tail(attn, x, identity, owned=False) is None

@@ -38,6 +38,7 @@ fast paths on or off, converts to channels_last and wraps in ``torch.compile`` o
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
@@ -883,14 +884,19 @@ def _float32_weights(*tensors: torch.Tensor | None) -> bool:
     )
 
 
-def _native_excitation(attn: ChannelAttention) -> dict[str, Any] | None:
-    """The arguments of ``channel_eval_tail`` that describe ``attn``'s excitation and gate,
-    or None when the kernel does not know them: average pooling, an MLP of two ``nn.Linear``
-    (or 1x1 ``nn.Conv2d``) layers with ``nn.ReLU`` between, or ECA's ``nn.Conv1d(1, 1, k)``
-    with zero padding ``(k - 1) / 2``, and a Sigmoid or Hardsigmoid gate; no overridden
-    methods and no hooks on any of its layers."""
-    gate = {nn.Sigmoid: 0, nn.Hardsigmoid: 1}.get(type(attn.gate))
-    if attn.pool != "avg" or gate is None:
+def _native_gate_kind(gate: nn.Module) -> int | None:
+    """The kernels' code for a gate: 0 for ``nn.Sigmoid``, 1 for ``nn.Hardsigmoid``."""
+    return {nn.Sigmoid: 0, nn.Hardsigmoid: 1}.get(type(gate))
+
+
+def _native_excitation(attn: ChannelAttention, pool: str = "avg") -> dict[str, Any] | None:
+    """The arguments of the native kernels that describe ``attn``'s excitation and gate, or
+    None when they do not know them: the ``pool`` descriptor, an MLP of two ``nn.Linear`` (or
+    1x1 ``nn.Conv2d``) layers with ``nn.ReLU`` between, or ECA's ``nn.Conv1d(1, 1, k)`` with
+    zero padding ``(k - 1) / 2``, and a Sigmoid or Hardsigmoid gate; no overridden methods
+    and no hooks on any of its layers."""
+    gate = _native_gate_kind(attn.gate)
+    if attn.pool != pool or gate is None:
         return None
     if _overrides(attn, ChannelAttention, "attention", "describe", "excite"):
         return None
@@ -1013,6 +1019,87 @@ def _native_channel_tail(
     return result
 
 
+def _native_cbam_tail(
+    attn: CBAM, out: torch.Tensor, identity: torch.Tensor, owned: bool
+) -> torch.Tensor | None:
+    """``relu(attn(out) + identity)`` for CBAM in one call of :mod:`convattn._native`'s
+    ``cbam_eval_tail`` (float32 contiguous CPU maps; the channel gate's shared MLP with ReLU,
+    average + max pools; the spatial gate's [max; mean] descriptor, a plain k x k convolution
+    to one map, an eval-mode BatchNorm or none; one gate kind for both); None otherwise."""
+    cg, sg = attn.channel_gate, attn.spatial_gate
+    if not (
+        out.device.type == "cpu"
+        and out.dtype == torch.float32
+        and identity.dtype == torch.float32
+        and out.dim() == 4
+        and out.is_contiguous()
+        and identity.is_contiguous()
+        and isinstance(cg, ChannelAttention)
+        and isinstance(sg, SpatialAttention)
+        and sg.pool == "both"
+        and not _overrides(sg, SpatialAttention, "attention", "describe")
+        and not _any_hooks(cg, sg, sg.conv, sg.bn, sg.gate)
+    ):
+        return None
+    spec = _native_excitation(cg, "avg+max")
+    conv = sg.conv
+    if (
+        spec is None
+        or spec["excitation"] != 0
+        or _native_gate_kind(sg.gate) != spec["gate"]
+        or not _is_plain_conv_to_one(conv)
+        or conv.in_channels != 2
+        or not _float32_weights(conv.weight, conv.bias)
+        or (sg.bn is not None and not _is_eval_batch_norm(sg.bn))
+    ):
+        return None
+    from convattn import _native as native_module
+
+    lib = native_module.library()
+    if lib is None:
+        return None
+    bn_scale, bn_shift = 1.0, 0.0
+    if sg.bn is not None:  # one channel: its statistics as Python numbers
+        bn = sg.bn
+        assert bn.running_mean is not None and bn.running_var is not None  # (checked above)
+        bn_scale = 1.0 / math.sqrt(bn.running_var.item() + bn.eps)
+        if bn.weight is not None:
+            bn_scale *= bn.weight.item()
+        bn_shift = -bn.running_mean.item() * bn_scale
+        if bn.bias is not None:
+            bn_shift += bn.bias.item()
+    n, c, h, w = out.shape
+    w1, b1, w2, b2, r = spec["mlp"]
+    kh, kw = conv.kernel_size
+    ph, pw = (int(q) for q in conv.padding)
+    conv_bias = conv.bias.item() if isinstance(conv.bias, torch.Tensor) else 0.0
+    work = torch.empty(3 * n * c + 2 * n * r + 3 * n * h * w)
+    result = out if owned else torch.empty_like(out)
+    lib.cbam_eval_tail(
+        out.data_ptr(),
+        identity.data_ptr(),
+        n,
+        c,
+        h,
+        w,
+        *(0 if t is None else t.data_ptr() for t in (w1, b1, w2, b2)),
+        r,
+        spec["gate"],
+        conv.weight.data_ptr(),
+        kh,
+        kw,
+        ph,
+        pw,
+        conv_bias,
+        bn_scale,
+        bn_shift,
+        work.data_ptr(),
+        result.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return result
+
+
 def _eval_attention_tail(
     attn: nn.Module,
     out: torch.Tensor,
@@ -1040,6 +1127,10 @@ def _eval_attention_tail(
         if _any_hooks(cg, sg):
             return None
         attn._check_input(out)
+        if native:
+            result = _native_cbam_tail(attn, out, identity, owned)
+            if result is not None:
+                return result
         weights = _channel_gate(cg, out)
         gated = out.mul_(weights) if owned else out * weights
         return gate_residual_relu(gated, _spatial_gate(sg, gated), identity, inplace=True)

@@ -2,7 +2,8 @@
 compiler on first use and loaded with :mod:`ctypes`.
 
 The library compiles this folder's C files (``cbam_train.c``: CBAM's training tail;
-``channel_eval.c``: the inference tail of SE, ECA and scSE) into one shared library, once per
+``channel_eval.c`` and ``cbam_eval.c``: the inference tails of SE, ECA, scSE and CBAM) into
+one shared library, once per
 source version, compiler and machine, into
 ``$CONVATTN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/convattn`` or ``~/.cache/convattn``), which
 takes about a second; later processes load the cached library. Without a compiler, or with
@@ -51,6 +52,14 @@ _SIGNATURES: dict[str, list[Any]] = {
     "cbam_backward_gate": [ctypes.c_void_p] * 10 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_backward_sums": [ctypes.c_void_p] * 14 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_backward_input": [ctypes.c_void_p] * 16 + [_L] * 3 + [ctypes.c_void_p] + [_I],
+    "cbam_eval_tail": [ctypes.c_void_p] * 2
+    + [_L] * 4
+    + [ctypes.c_void_p] * 4
+    + [_L, _I, ctypes.c_void_p]
+    + [_L] * 4
+    + [ctypes.c_float] * 3
+    + [ctypes.c_void_p] * 2
+    + [_I],
     "channel_eval_tail": [ctypes.c_void_p] * 2
     + [_L] * 3
     + [_I]
