@@ -18,12 +18,15 @@ from convattn.fast import (
     _CbamTailNative,
     _native_cbam_tail,
     _native_channel_tail,
+    _SeTailNative,
+    _train_attention_tail,
     _train_cbam_tail,
     set_fast_paths,
 )
 from convattn.layers.cbam import CBAM
 from convattn.layers.channel import ChannelAttention
 from convattn.layers.scse import ChannelSpatialSE
+from convattn.layers.se import SEModule
 from convattn.models import create_model
 from convattn.profile import TensorMemoryTracker
 from convattn.registry import create
@@ -438,3 +441,104 @@ def test_native_cbam_eval_tail_matches_the_equations(
         torch.testing.assert_close(owned, got, rtol=0, atol=0)
         attn.spatial_gate.bn.train()  # batch statistics: not the kernel's
         assert _native_cbam_tail(attn, x, identity, owned=False) is None
+
+
+# Training: SE / ECA tails after a batch-statistics BatchNorm
+
+
+def _se_train_reference(
+    c: torch.Tensor, identity: torch.Tensor, bn: nn.BatchNorm2d, attn: ChannelAttention
+) -> torch.Tensor:
+    x = _batch_norm(bn, c)
+    return torch.relu(x * _channel_weights_reference(attn, x) + identity)
+
+
+def _se_native_tail(
+    c: torch.Tensor, identity: torch.Tensor, bn: nn.BatchNorm2d, attn: ChannelAttention
+) -> torch.Tensor:
+    block = nn.Module()  # _train_attention_tail reads nothing of the block
+    y = _train_attention_tail(block, c, identity, bn, attn)
+    assert y is not None and type(y.grad_fn).__name__ == f"{_SeTailNative.__name__}Backward"
+    return y
+
+
+@requires_native
+@pytest.mark.parametrize(
+    ("name", "options", "case"),
+    [
+        ("se", {}, "random"),
+        ("se", {"gate_layer": "hard_sigmoid"}, "random"),
+        ("eca", {}, "random"),
+        ("eca", {"kernel_size": 5}, "zero_init"),
+        ("se", {}, "no_affine"),
+    ],
+)
+@pytest.mark.parametrize("shape", [(8, 32, 12, 12), (3, 32, 7, 9)])
+def test_native_se_tail_matches_the_equations(
+    name: str, options: dict[str, object], case: str, shape: tuple[int, ...]
+) -> None:
+    ch, h = shape[1:3]
+    torch.manual_seed(ch + h + len(name))
+    bn = nn.BatchNorm2d(ch, affine=case != "no_affine").train()
+    attn = create(name, channels=ch, **options).train()
+    with torch.no_grad():
+        if bn.weight is not None:
+            bn.weight.uniform_(-1.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            if case == "zero_init":
+                bn.weight.zero_()
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    c = torch.randn(shape) * 3 + 1.0
+    identity, grad = torch.randn(shape), torch.randn(shape)
+    ref_bn, ref_attn = copy.deepcopy(bn).double(), copy.deepcopy(attn).double()
+    y, got = _grads(_se_native_tail, c, identity, bn, attn, grad)
+    y_ref, want = _grads(_se_train_reference, c.double(), identity.double(), ref_bn, ref_attn, grad)
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-5)
+    for key, value in want.items():
+        scale = value.abs().max().item() + 1e-6
+        torch.testing.assert_close(
+            got[key].double() / scale, value / scale, rtol=0, atol=2e-5, msg=key
+        )
+    reference = nn.BatchNorm2d(ch, affine=False).double().train()
+    reference(c.double())
+    torch.testing.assert_close(bn.running_mean.double(), reference.running_mean)
+    torch.testing.assert_close(bn.running_var.double(), reference.running_var)
+
+
+@requires_native
+def test_se_native_steps_aside_for_an_overridden_pool() -> None:
+    """A subclass with its own ``describe`` keeps the PyTorch path (the kernel pools itself)."""
+
+    class MaxSE(SEModule):
+        def describe(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [x.amax((2, 3))]
+
+    bn = nn.BatchNorm2d(32).train()
+    c, identity = torch.randn(2, 32, 6, 6), torch.randn(2, 32, 6, 6)
+    y = _train_attention_tail(nn.Module(), c, identity, bn, MaxSE(32).train())
+    assert y is not None and type(y.grad_fn).__name__ == "BNGateResidualReLUBackward"
+    y = _train_attention_tail(nn.Module(), c, identity, bn, SEModule(32).train(), native=False)
+    assert y is not None and type(y.grad_fn).__name__ == "BNGateResidualReLUBackward"
+
+
+@requires_native
+def test_resnet_training_se_native_matches_the_torch_path_and_saves_memory() -> None:
+    torch.manual_seed(0)
+    native = create_model("cifar_resnet20", attention="se").train()
+    torch_path = copy.deepcopy(native)
+    set_fast_paths(torch_path, native=False)
+    x = torch.randn(16, 3, 32, 32)
+    target = torch.randint(10, (16,))
+    peaks, grads = [], []
+    for model in (native, torch_path):
+        model.zero_grad(set_to_none=True)
+        with TensorMemoryTracker() as tracker:
+            F.cross_entropy(model(x), target).backward()
+        peaks.append(tracker.peak_bytes)
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for name, value in grads[1].items():
+        scale = value.abs().max().item() + 1e-6
+        torch.testing.assert_close(grads[0][name] / scale, value / scale, rtol=0, atol=1e-4)
+    # the same feature maps kept (c and the output); per-block vectors differ slightly
+    assert peaks[0] <= 1.01 * peaks[1], peaks

@@ -1157,9 +1157,16 @@ def _eval_attention_tail(
 
 
 def _train_attention_tail(
-    block: nn.Module, c: torch.Tensor, identity: torch.Tensor, bn: nn.Module, attn: nn.Module
+    block: nn.Module,
+    c: torch.Tensor,
+    identity: torch.Tensor,
+    bn: nn.Module,
+    attn: nn.Module,
+    native: bool = True,
 ) -> torch.Tensor | None:
-    """Training path for SE / ECA-style attention after a batch-statistics BatchNorm."""
+    """Training path for SE / ECA-style attention after a batch-statistics BatchNorm: with
+    ``native`` (float32 CPU maps, the module's own average pool) :class:`_SeTailNative`,
+    else :class:`BNGateResidualReLU`."""
     if not (
         isinstance(bn, nn.BatchNorm2d)
         and type(bn).forward is nn.BatchNorm2d.forward
@@ -1171,8 +1178,14 @@ def _train_attention_tail(
         and fast_paths_active(bn)
     ):
         return None
+    attn._check_input(c)
+    lib = _native_library(c, identity, bn) if native else None
+    if lib is not None and not _overrides(attn, ChannelAttention, "attention", "describe"):
+        params = list(attn.parameters())
+        out = _SeTailNative.apply(c, identity, bn.weight, bn.bias, bn, attn, lib, *params)
+        assert isinstance(out, torch.Tensor)  # for mypy: apply() is untyped
+        return out
     x, mean, invstd = _bn_train_forward(bn, c)
-    attn._check_input(x)
     gate = _channel_weights(attn, x)
     # the module's own average pool saves nothing of x; an overriding subclass might
     inplace = not _overrides(attn, ChannelAttention, "attention", "describe")
@@ -1229,6 +1242,39 @@ def _native(kernel: Any, *args: torch.Tensor | int) -> None:
     kernel(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
 
 
+def _native_batch_norm(
+    lib: Any,
+    c: torch.Tensor,
+    bn: nn.BatchNorm2d,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """A training-mode BatchNorm's batch statistics of ``c`` ``(N, C, H, W)`` from the native
+    ``cbam_row_stats`` (one pass; the running statistics updated as ``nn.BatchNorm2d`` does):
+    ``rows`` ``(3, N, C)`` (mean, max and min of ``c`` per image and channel), the float64
+    batch mean, the inverse std and the per-channel ``scale, shift`` with ``BN(c) = c *
+    scale + shift``."""
+    n, ch, h, w = c.shape
+    mean64 = torch.empty(ch, dtype=torch.float64)
+    var64 = torch.empty(ch, dtype=torch.float64)
+    rows = torch.empty(3, n, ch)
+    work = torch.empty(2 * n * ch, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    _native(lib.cbam_row_stats, c, n, ch, h * w, mean64, var64, *rows, work, threads)
+    mean, var = mean64.float(), var64.float()
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        factor = _bn_momentum(bn)
+        count = n * h * w
+        unbiased = var * (count / max(count - 1, 1))
+        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+    invstd = torch.rsqrt(var + bn.eps)
+    weight = None if weight is None else weight.detach()
+    bias = None if bias is None else bias.detach()
+    scale, shift = (t.contiguous() for t in _bn_affine(weight, bias, mean, invstd))
+    return rows, mean64, invstd, scale, shift
+
+
 class _CbamTailNative(torch.autograd.Function):
     """CBAM's training tail ``relu(CBAM(BN(c)) + identity)`` after a batch-statistics
     BatchNorm, through convattn's native kernels (:mod:`convattn._native`): three passes over
@@ -1258,21 +1304,7 @@ class _CbamTailNative(torch.autograd.Function):
     ) -> torch.Tensor:
         n, ch, h, w = c.shape
         p, threads = h * w, torch.get_num_threads()
-        mean64 = torch.empty(ch, dtype=torch.float64)
-        var64 = torch.empty(ch, dtype=torch.float64)
-        rows = torch.empty(3, n, ch)  # per image and channel: mean, max and min of c
-        work = torch.empty(2 * n * ch, dtype=torch.float64)
-        _native(lib.cbam_row_stats, c, n, ch, p, mean64, var64, *rows, work, threads)
-        mean, var = mean64.float(), var64.float()
-        if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
-            factor = _bn_momentum(bn)
-            unbiased = var * (n * p / max(n * p - 1, 1))
-            bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-            bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
-        invstd = torch.rsqrt(var + bn.eps)
-        weight = None if bn_weight is None else bn_weight.detach()
-        bias = None if bn_bias is None else bn_bias.detach()
-        scale, shift = (t.contiguous() for t in _bn_affine(weight, bias, mean, invstd))
+        rows, mean64, invstd, scale, shift = _native_batch_norm(lib, c, bn, bn_weight, bn_bias)
         # the channel pools of x = c * scale + shift: the mean is affine in c's mean, and the
         # maximum is x at c's maximum (or minimum, for a negative scale), rounded as the
         # kernels round x, so that backward finds it again by equality
@@ -1369,6 +1401,96 @@ class _CbamTailNative(torch.autograd.Function):
             None,
             None,
             *param_grads,
+        )
+
+
+class _SeTailNative(torch.autograd.Function):
+    """``relu(x * gate(excite(mean_hw x)) + identity)`` with ``x = BN(c)`` (batch statistics):
+    SE / ECA-style channel attention's training tail through :mod:`convattn._native`'s
+    kernels: one pass over the feature map for the statistics and the pooled descriptor, one
+    for the output; backward, one for the ReLU mask with the sums that give the gate's and
+    BatchNorm's reductions, one for BatchNorm's input gradient. The excitation is the
+    module's own (``attn.excite``, ``attn.gate``), run on a detached leaf and differentiated
+    with ``torch.autograd.grad``; its parameters are inputs of this function. Saves ``c``,
+    the output and small tensors."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        c: torch.Tensor,
+        identity: torch.Tensor,
+        bn_weight: torch.Tensor | None,
+        bn_bias: torch.Tensor | None,
+        bn: nn.BatchNorm2d,
+        attn: ChannelAttention,
+        lib: Any,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        n, ch, h, w = c.shape
+        rows, mean64, invstd, scale, shift = _native_batch_norm(lib, c, bn, bn_weight, bn_bias)
+        with torch.enable_grad():
+            avg_leaf = (rows[0] * scale + shift).requires_grad_()
+            gate_graph = attn.gate(attn.excite(avg_leaf))
+        gate = gate_graph.detach().reshape(n, ch).contiguous()
+        y = torch.empty_like(c)
+        threads = torch.get_num_threads()
+        _native(lib.se_apply, c, scale, shift, gate, identity, n, ch, h * w, y, threads)
+        ctx.save_for_backward(c, y, scale, gate, mean64, invstd, bn_bias)
+        ctx.graph = (avg_leaf, gate_graph)
+        ctx.lib = lib
+        ctx.params = params
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        c, y, scale, gate, mean64, invstd, bn_bias = ctx.saved_tensors
+        avg_leaf, gate_graph = ctx.graph
+        ctx.graph = None
+        lib, threads = ctx.lib, torch.get_num_threads()
+        n, ch, h, w = c.shape
+        p = h * w
+        masked = torch.empty_like(c)
+        sums = torch.empty(n, ch, 3, dtype=torch.float64)
+        args = (grad_y.contiguous(), y, c, mean64, n, ch, p, masked, sums, threads)
+        _native(lib.se_backward_mask, *args)
+        sum_m, sum_mc, sum_c = sums.unbind(2)  # m, m * (c - mean), (c - mean) per row
+        # x = scale * (c - mean) + bias: the gate's gradient sum_hw(m * x) from the sums
+        grad_gate = sum_mc * scale.double()
+        if bn_bias is not None:
+            grad_gate = grad_gate + sum_m * bn_bias.detach().double()
+        wanted = ctx.needs_input_grad[7:]
+        inputs = [q for q, want in zip(ctx.params, wanted, strict=True) if want]
+        grads = torch.autograd.grad(
+            gate_graph,
+            [avg_leaf, *inputs],
+            grad_gate.float().view_as(gate_graph),
+            allow_unused=True,
+        )
+        grad_avg = grads[0].reshape(n, ch).double()
+        param_grads = iter(grads[1:])
+        # BatchNorm's reductions over g_x = m * g + grad_avg / P, per channel
+        gate64 = gate.double()
+        sum_gx = (gate64 * sum_m + grad_avg).sum(0)
+        sum_gxc = (gate64 * sum_mc + grad_avg / p * sum_c).sum(0)
+        count = n * p
+        grad_bias = sum_gx.float()
+        grad_weight = (sum_gxc * invstd.double()).float()  # sum of g_x * x_hat
+        alpha = (-scale * invstd * grad_weight / count).contiguous()
+        beta = (-scale * grad_bias / count).contiguous()
+        share = (grad_avg / p).float().contiguous()
+        grad_c = torch.empty_like(c)
+        args2 = (masked, c, scale, gate, share, alpha, beta, mean64, n, ch, p, grad_c, threads)
+        _native(lib.se_backward_input, *args2)
+        return (
+            grad_c,
+            masked,
+            grad_weight if ctx.needs_input_grad[2] else None,
+            grad_bias if ctx.needs_input_grad[3] else None,
+            None,
+            None,
+            None,
+            *(next(param_grads) if want else None for want in wanted),
         )
 
 
@@ -1485,7 +1607,8 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
                 native = getattr(block, "fast_native", True)
                 result = _train_cbam_tail(out, identity, last_bn, attn, native)
         else:
-            result = _train_attention_tail(block, out, identity, last_bn, attn)
+            native = getattr(block, "fast_native", True)
+            result = _train_attention_tail(block, out, identity, last_bn, attn, native)
         if result is None:  # BN in eval mode or hooked: finish the plain way
             result = block.relu(attn(last_bn(out)) + identity)
         return result

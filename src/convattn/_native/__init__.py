@@ -1,9 +1,9 @@
 """convattn's native CPU kernels: plain C (no PyTorch headers), compiled with the system's C
 compiler on first use and loaded with :mod:`ctypes`.
 
-The library compiles this folder's C files (``cbam_train.c``: CBAM's training tail;
-``channel_eval.c`` and ``cbam_eval.c``: the inference tails of SE, ECA, scSE and CBAM) into
-one shared library, once per
+The library compiles this folder's C files (``cbam_train.c`` and ``se_train.c``: the
+training tails of CBAM and of SE / ECA; ``channel_eval.c`` and ``cbam_eval.c``: the inference
+tails of SE, ECA, scSE and CBAM) into one shared library, once per
 source version, compiler and machine, into
 ``$CONVATTN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/convattn`` or ``~/.cache/convattn``), which
 takes about a second; later processes load the cached library. Without a compiler, or with
@@ -60,6 +60,9 @@ _SIGNATURES: dict[str, list[Any]] = {
     + [ctypes.c_float] * 3
     + [ctypes.c_void_p] * 2
     + [_I],
+    "se_apply": [ctypes.c_void_p] * 5 + [_L] * 3 + [ctypes.c_void_p, _I],
+    "se_backward_mask": [ctypes.c_void_p] * 4 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
+    "se_backward_input": [ctypes.c_void_p] * 8 + [_L] * 3 + [ctypes.c_void_p, _I],
     "channel_eval_tail": [ctypes.c_void_p] * 2
     + [_L] * 3
     + [_I]
