@@ -38,12 +38,15 @@ void se_backward_mask(const float *gy, const float *y, const float *c, const dou
     for (long r = 0; r < rows; r++) {
         const float *restrict v = c + r * P, *restrict g = gy + r * P, *restrict out = y + r * P;
         float *restrict mask = m + r * P;
-        double mu = mean[r % C], sm = 0.0, smc = 0.0, sc = 0.0;
+        float mu = (float)mean[r % C], sm = 0.0f, smc = 0.0f, sc = 0.0f;
+#pragma omp simd
+        for (long p = 0; p < P; p++) mask[p] = out[p] > 0.0f ? g[p] : 0.0f;
+        /* the sums from the row just written (still in cache; one loop with the select and
+           the sums does not vectorize), in float over the lanes of a vector (a row's
+           elements), then in double over the batch */
 #pragma omp simd reduction(+ : sm, smc, sc)
         for (long p = 0; p < P; p++) {
-            float mp = out[p] > 0.0f ? g[p] : 0.0f;
-            double centred = (double)v[p] - mu;
-            mask[p] = mp;
+            float mp = mask[p], centred = v[p] - mu;
             sm += mp;
             smc += mp * centred;
             sc += centred;
