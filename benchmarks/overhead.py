@@ -221,6 +221,7 @@ def training_table(args: argparse.Namespace, device: torch.device) -> None:
     entries = [
         ("plain", convattn_model("cifar_resnet20", None)),
         ("se", convattn_model("cifar_resnet20", "se")),
+        ("se torch", convattn_model("cifar_resnet20", "se", native=False)),
         ("se direct", convattn_model("cifar_resnet20", "se", fast=False)),
         ("cbam", convattn_model("cifar_resnet20", "cbam")),
         ("cbam torch", convattn_model("cifar_resnet20", "cbam", native=False)),

@@ -18,6 +18,7 @@ from convattn.fast import (
     _CbamTailNative,
     _native_cbam_tail,
     _native_channel_tail,
+    _native_gc_tail,
     _SeTailNative,
     _train_attention_tail,
     _train_cbam_tail,
@@ -383,7 +384,7 @@ def test_native_eval_tail_steps_aside() -> None:
 
 
 @requires_native
-@pytest.mark.parametrize("attention", ["se", "eca", "scse", "cbam"])
+@pytest.mark.parametrize("attention", ["se", "eca", "scse", "cbam", "gc"])
 def test_resnet_inference_native_matches_the_torch_path(attention: str) -> None:
     torch.manual_seed(0)
     native = create_model("resnet50", attention=attention).eval()
@@ -542,3 +543,55 @@ def test_resnet_training_se_native_matches_the_torch_path_and_saves_memory() -> 
         torch.testing.assert_close(grads[0][name] / scale, value / scale, rtol=0, atol=1e-4)
     # the same feature maps kept (c and the output); per-block vectors differ slightly
     assert peaks[0] <= 1.01 * peaks[1], peaks
+
+
+def _gc_eval_reference(
+    attn: nn.Module, bn: nn.BatchNorm2d, y: torch.Tensor, identity: torch.Tensor
+) -> torch.Tensor:
+    """relu(GC(BN(y)) + identity), eval mode, from the GCNet paper's eq. 4 (add fusion)."""
+    x = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    x = x * bn.weight[:, None, None] + bn.bias[:, None, None]
+    n, c = x.shape[:2]
+    mask = attn.conv_mask
+    scores = torch.einsum("c,ncl->nl", mask.weight.flatten(), x.flatten(2)) + mask.bias
+    context = torch.einsum("ncl,nl->nc", x.flatten(2), torch.softmax(scores, 1))
+    conv1, norm, _, conv2 = attn.channel_add_conv
+    h = context @ conv1.weight.flatten(1).t() + conv1.bias
+    h = (h - h.mean(1, keepdim=True)) / torch.sqrt(
+        h.var(1, unbiased=False, keepdim=True) + norm.eps
+    )
+    h = torch.relu(h * norm.weight.flatten() + norm.bias.flatten())
+    term = h @ conv2.weight.flatten(1).t() + conv2.bias
+    return torch.relu(x + term.view(n, c, 1, 1) + identity)
+
+
+@requires_native
+@pytest.mark.parametrize("shape", [(1, 64, 9, 7), (3, 64, 14, 14), (2, 128, 30, 20)])
+def test_native_gc_eval_tail_matches_the_equations(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(shape[1] + shape[2])
+    attn = create("gc", channels=shape[1]).eval()
+    bn = nn.BatchNorm2d(shape[1]).eval()
+    with torch.no_grad():
+        for p in [*attn.parameters(), bn.weight, bn.bias]:
+            p.add_(torch.randn_like(p) * 0.3)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    y, identity = torch.randn(shape) * 2, torch.randn(shape)
+    with torch.no_grad():
+        want = _gc_eval_reference(
+            copy.deepcopy(attn).double(), copy.deepcopy(bn).double(), y.double(), identity.double()
+        )
+        got = _native_gc_tail(attn, bn, y, identity)
+        assert got is not None
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        # the fold follows in-place changes of the BatchNorm (cached by tensor versions)
+        bn.running_mean.add_(0.25)
+        want = _gc_eval_reference(
+            copy.deepcopy(attn).double(), copy.deepcopy(bn).double(), y.double(), identity.double()
+        )
+        got = _native_gc_tail(attn, bn, y, identity)
+        assert got is not None
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        bn.train()
+        assert _native_gc_tail(attn, bn, y, identity) is None
+        assert _native_gc_tail(attn, bn.eval(), y.double(), identity.double()) is None

@@ -817,6 +817,85 @@ def _eval_bn_fold(bn: nn.Module, owner: nn.Module, extra: torch.Tensor) -> _Eval
     return fold
 
 
+def _native_gc_tail(
+    attn: GlobalContext, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor
+) -> torch.Tensor | None:
+    """``relu(GC(bn(y)) + identity)`` in one call of :mod:`convattn._native`'s
+    ``gc_eval_tail``, with the eval-mode BatchNorm folded as in :func:`_gc_folded_tail`: GC
+    with add fusion, the standard softmax context through a 1x1 mask convolution and the
+    standard transform (1x1 convolution, LayerNorm over ``(C/r, 1, 1)``, ReLU, 1x1
+    convolution); float32 contiguous CPU maps. None where that does not apply."""
+    transform = attn.channel_add_conv
+    if not (
+        y.device.type == "cpu"
+        and y.dtype == torch.float32
+        and identity.dtype == torch.float32
+        and y.dim() == 4
+        and y.is_contiguous()
+        and identity.is_contiguous()
+        and identity.shape == y.shape
+        and attn.fusion_types == ("add",)
+        and type(transform) is nn.Sequential
+        and len(transform) == 4
+        and _gc_standard_context(attn)
+    ):
+        return None
+    conv1, norm, act, conv2 = list(transform)
+    if not (
+        isinstance(conv1, nn.Conv2d)
+        and isinstance(conv2, nn.Conv2d)
+        and isinstance(norm, nn.LayerNorm)
+    ):
+        return None
+    mask = attn.conv_mask
+    assert isinstance(mask, nn.Conv2d)  # _gc_standard_context checked it is there
+    rd = attn.rd_channels
+    weights = []
+    for conv in (conv1, conv2):
+        if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1):
+            return None
+        weights.append(conv.weight.flatten(1))
+    if (
+        not (_is_plain_conv_to_one(mask) and mask.kernel_size == (1, 1))
+        or type(norm) is not nn.LayerNorm
+        or norm.normalized_shape != (rd, 1, 1)
+        or type(act) is not nn.ReLU
+        or _any_hooks(transform, conv1, norm, act, conv2)
+        or not _float32_weights(*weights, conv1.bias, conv2.bias, norm.weight, norm.bias)
+    ):
+        return None
+    fold = _eval_bn_fold(bn, attn, mask.weight)
+    if fold is None or not _float32_weights(fold.scale, fold.shift, fold.folded):
+        return None
+    from convattn import _native as native_module
+
+    lib = native_module.library()
+    if lib is None:
+        return None
+    attn._check_input(y)
+    n, c, h, w = y.shape
+    p = h * w
+    work = torch.empty(n * p + 2 * n * c + n * rd)
+    out = torch.empty_like(y)
+    tensors = (fold.scale, fold.shift, fold.folded, weights[0], conv1.bias, norm.weight, norm.bias)
+    lib.gc_eval_tail(
+        y.data_ptr(),
+        identity.data_ptr(),
+        n,
+        c,
+        p,
+        *(0 if t is None else t.data_ptr() for t in tensors),
+        float(norm.eps),
+        weights[1].data_ptr(),
+        0 if conv2.bias is None else conv2.bias.data_ptr(),
+        rd,
+        work.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def _gc_folded_tail(
     attn: GlobalContext, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor
 ) -> torch.Tensor | None:
@@ -1613,7 +1692,11 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
             result = block.relu(attn(last_bn(out)) + identity)
         return result
     if isinstance(attn, GlobalContext):
-        result = _gc_folded_tail(attn, last_bn, out, identity)
+        result = None
+        if getattr(block, "fast_native", True):
+            result = _native_gc_tail(attn, last_bn, out, identity)
+        if result is None:
+            result = _gc_folded_tail(attn, last_bn, out, identity)
         if result is not None:
             return result
     out = last_bn(out)

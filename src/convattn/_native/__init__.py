@@ -1,10 +1,10 @@
 """convattn's native CPU kernels: plain C (no PyTorch headers), compiled with the system's C
 compiler on first use and loaded with :mod:`ctypes`.
 
-The library compiles this folder's C files (``cbam_train.c`` and ``se_train.c``: the
-training tails of CBAM and of SE / ECA; ``channel_eval.c`` and ``cbam_eval.c``: the inference
-tails of SE, ECA, scSE and CBAM) into one shared library, once per
-source version, compiler and machine, into
+The library compiles this folder's C files into one shared library: ``cbam_train.c`` and
+``se_train.c``, the training tails of CBAM and of SE / ECA; ``channel_eval.c``,
+``cbam_eval.c`` and ``gc_eval.c``, the inference tails of SE, ECA, scSE, CBAM and GC. It
+builds once per source version, compiler and machine, into
 ``$CONVATTN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/convattn`` or ``~/.cache/convattn``), which
 takes about a second; later processes load the cached library. Without a compiler, or with
 ``CONVATTN_NATIVE=0`` in the environment, :func:`library` returns None and the fast paths that
@@ -58,6 +58,14 @@ _SIGNATURES: dict[str, list[Any]] = {
     + [_L, _I, ctypes.c_void_p]
     + [_L] * 4
     + [ctypes.c_float] * 3
+    + [ctypes.c_void_p] * 2
+    + [_I],
+    "gc_eval_tail": [ctypes.c_void_p] * 2
+    + [_L] * 3
+    + [ctypes.c_void_p] * 7
+    + [ctypes.c_float]
+    + [ctypes.c_void_p] * 2
+    + [_L]
     + [ctypes.c_void_p] * 2
     + [_I],
     "se_apply": [ctypes.c_void_p] * 5 + [_L] * 3 + [ctypes.c_void_p, _I],

@@ -1,0 +1,135 @@
+/* convattn's native CPU kernel for the inference tail of a GC block (global context, add
+   fusion) after an eval-mode BatchNorm, folded as in convattn.fast._gc_folded_tail:
+
+     x      = a * y + b                                     (BatchNorm: per-channel a, b)
+     p      = softmax_j(wa . y_j)                           (attention pooling; the mask
+                                                              weight folded with a: the
+                                                              constant w . b cancels)
+     ctx    = a * sum_j p_j y_j + b                         (the context of x)
+     t      = W2 relu(LN(W1 ctx + b1)) + b2                 (transform, LayerNorm over C/r)
+     out    = relu(a * y + (b + t) + identity)
+
+   One OpenMP region of PyTorch's thread pool (see cbam_train.c); three passes over y where
+   the eager tail makes about eight, and no PyTorch operation per step. float32, contiguous
+   (N, C, P) maps. */
+
+#include <math.h>
+#include <omp.h>
+
+#define BLOCK 256
+
+typedef struct {
+    const float *y, *identity;
+    long N, C, P;
+    const float *a, *b, *wa;          /* (C) each */
+    const float *w1, *b1;             /* (R, C), (R) or NULL */
+    const float *ln_w, *ln_b;         /* (R) or NULL */
+    float ln_eps;
+    const float *w2, *b2;             /* (C, R), (C) or NULL */
+    long R;
+    float *scores, *ctx, *hidden, *t; /* (N, P), (N, C), (N, R), (N, C) */
+    float *out;
+} gc_args;
+
+static float gc_dot(const float *restrict u, const float *restrict v, long n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (long i = 0; i < n; i++) acc += u[i] * v[i];
+    return acc;
+}
+
+static void gc_run(const gc_args *g) {
+    long N = g->N, C = g->C, P = g->P, R = g->R, rows = N * C;
+    long threads = omp_get_num_threads();
+    long block = (P + threads - 1) / threads;
+    block = block < BLOCK ? block : BLOCK;
+    long blocks = (P + block - 1) / block;
+    /* scores of every position, a block of positions of one image at a time */
+#pragma omp for schedule(static)
+    for (long item = 0; item < N * blocks; item++) {
+        long n = item / blocks, p0 = (item % blocks) * block;
+        long len = P - p0 < block ? P - p0 : block;
+        float acc[BLOCK];
+        for (long i = 0; i < len; i++) acc[i] = 0.0f;
+        for (long c = 0; c < C; c++) {
+            const float *restrict v = g->y + (n * C + c) * P + p0;
+            float w = g->wa[c];
+#pragma omp simd
+            for (long i = 0; i < len; i++) acc[i] += w * v[i];
+        }
+        for (long i = 0; i < len; i++) g->scores[n * P + p0 + i] = acc[i];
+    }
+    /* softmax over positions, per image */
+#pragma omp for schedule(static)
+    for (long n = 0; n < N; n++) {
+        float *restrict s = g->scores + n * P;
+        float hi = s[0], sum = 0.0f;
+#pragma omp simd reduction(max : hi)
+        for (long p = 0; p < P; p++) hi = s[p] > hi ? s[p] : hi;
+        for (long p = 0; p < P; p++) {
+            s[p] = expf(s[p] - hi);
+            sum += s[p];
+        }
+        float inv = 1.0f / sum;
+#pragma omp simd
+        for (long p = 0; p < P; p++) s[p] *= inv;
+    }
+    /* context */
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        long n = r / C, c = r % C;
+        g->ctx[r] = g->a[c] * gc_dot(g->y + r * P, g->scores + n * P, P) + g->b[c];
+    }
+    /* transform: first layer */
+#pragma omp for schedule(static)
+    for (long j = 0; j < R; j++)
+        for (long n = 0; n < N; n++)
+            g->hidden[n * R + j] = gc_dot(g->w1 + j * C, g->ctx + n * C, C) + (g->b1 ? g->b1[j] : 0.0f);
+    /* LayerNorm over the R channels, then ReLU */
+#pragma omp for schedule(static)
+    for (long n = 0; n < N; n++) {
+        float *h = g->hidden + n * R;
+        double mean = 0.0, var = 0.0;
+        for (long j = 0; j < R; j++) mean += h[j];
+        mean /= (double)R;
+        for (long j = 0; j < R; j++) var += ((double)h[j] - mean) * ((double)h[j] - mean);
+        var /= (double)R;
+        float inv = (float)(1.0 / sqrt(var + (double)g->ln_eps)), mu = (float)mean;
+        for (long j = 0; j < R; j++) {
+            float v = (h[j] - mu) * inv;
+            if (g->ln_w) v = v * g->ln_w[j];
+            if (g->ln_b) v = v + g->ln_b[j];
+            h[j] = v > 0.0f ? v : 0.0f;
+        }
+    }
+    /* second layer: the term added to every position */
+#pragma omp for schedule(static)
+    for (long c = 0; c < C; c++)
+        for (long n = 0; n < N; n++)
+            g->t[n * C + c] = gc_dot(g->w2 + c * R, g->hidden + n * R, R) + (g->b2 ? g->b2[c] : 0.0f);
+    /* out = relu(a * y + (b + t) + identity) */
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        long c = r % C;
+        const float *v = g->y + r * P, *restrict id = g->identity + r * P;
+        float *o = g->out + r * P; /* may be v: each element is read, then written */
+        float scale = g->a[c], shift = g->b[c] + g->t[r];
+#pragma omp simd
+        for (long p = 0; p < P; p++) {
+            float t = v[p] * scale + shift + id[p];
+            o[p] = t > 0.0f ? t : 0.0f;
+        }
+    }
+}
+
+void gc_eval_tail(const float *y, const float *identity, long N, long C, long P, const float *a,
+                  const float *b, const float *wa, const float *w1, const float *b1,
+                  const float *ln_w, const float *ln_b, float ln_eps, const float *w2,
+                  const float *b2, long R, float *work, float *out, int nthreads) {
+    /* work: N * P + 2 * N * C + N * R floats */
+    gc_args g = {y, identity, N, C, P, a, b, wa, w1, b1, ln_w, ln_b, ln_eps, w2, b2, R,
+                 work, work + N * P, work + N * P + N * C, work + N * P + N * C + N * R, out};
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    gc_run(&g);
+}
