@@ -18,6 +18,7 @@ from convattn.fast import (
     _CbamTailNative,
     _native_cbam_tail,
     _native_channel_tail,
+    _native_folded_tail,
     _native_gc_tail,
     _SeTailNative,
     _train_attention_tail,
@@ -595,3 +596,34 @@ def test_native_gc_eval_tail_matches_the_equations(shape: tuple[int, ...]) -> No
         bn.train()
         assert _native_gc_tail(attn, bn, y, identity) is None
         assert _native_gc_tail(attn, bn.eval(), y.double(), identity.double()) is None
+
+
+@requires_native
+@pytest.mark.parametrize("name", ["se", "eca", "scse", "cbam"])
+def test_native_eval_tails_fold_the_blocks_batchnorm(name: str) -> None:
+    """With the block's eval-mode BatchNorm folded into the kernel: relu(attn(bn(y)) + id)."""
+    torch.manual_seed(len(name))
+    shape = (2, 32, 11, 13)
+    attn = create(name, channels=32).eval()
+    bn = nn.BatchNorm2d(32).eval()
+    with torch.no_grad():
+        for p in [*attn.parameters(), bn.weight, bn.bias]:
+            p.add_(torch.randn_like(p) * 0.3)
+        bn.weight[::4] *= -1  # negative scales too
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    y, identity = torch.randn(shape) * 2, torch.randn(shape)
+    ref_attn, ref_bn = copy.deepcopy(attn).double(), copy.deepcopy(bn).double()
+    with torch.no_grad():
+        x = ref_bn(y.double())
+        if name == "cbam":
+            ref_attn.spatial_gate.bn.running_var.fill_(1.3)
+            attn.spatial_gate.bn.running_var.fill_(1.3)
+            want = _cbam_eval_reference(ref_attn, x, identity.double())
+        else:
+            want = _eval_tail_reference(ref_attn, x, identity.double())
+        got = _native_folded_tail(attn, bn, y, identity)
+        assert got is not None and got.data_ptr() != y.data_ptr()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        bn.train()
+        assert _native_folded_tail(attn, bn, y, identity) is None  # batch statistics

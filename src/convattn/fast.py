@@ -770,12 +770,13 @@ class _EvalBNFold:
     shift``), ``extra * scale`` for a weight vector folded with it, and its statistics and
     weight repeated per batch size (to normalise ``(N, C, ...)`` as ``(1, N * C, ...)``)."""
 
-    def __init__(self, bn: nn.BatchNorm2d, extra: torch.Tensor) -> None:
+    def __init__(self, bn: nn.BatchNorm2d, extra: torch.Tensor | None) -> None:
         assert bn.running_mean is not None and bn.running_var is not None  # checked by caller
         self.bn = bn
         invstd = torch.rsqrt(bn.running_var + bn.eps)
-        self.scale, self.shift = _bn_affine(bn.weight, bn.bias, bn.running_mean, invstd)
-        self.folded = extra.reshape(-1) * self.scale
+        scale, shift = _bn_affine(bn.weight, bn.bias, bn.running_mean, invstd)
+        self.scale, self.shift = scale.contiguous(), shift.contiguous()
+        self.folded = None if extra is None else extra.reshape(-1) * self.scale
         self._repeats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def repeated(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -789,7 +790,9 @@ class _EvalBNFold:
         return self._repeats[n]
 
 
-def _eval_bn_fold(bn: nn.Module, owner: nn.Module, extra: torch.Tensor) -> _EvalBNFold | None:
+def _eval_bn_fold(
+    bn: nn.Module, owner: nn.Module, extra: torch.Tensor | None = None
+) -> _EvalBNFold | None:
     """The :class:`_EvalBNFold` of an eval-mode ``nn.BatchNorm2d`` with running statistics
     (None for anything else), kept on ``owner`` while none of the tensors it comes from changes
     (same objects, same versions): at batch 1 its half-dozen small operations cost about 1 %
@@ -925,6 +928,7 @@ def _gc_folded_tail(
         return None
     attn._check_input(y)
     norm = fold.bn
+    assert fold.folded is not None  # (made with the mask weight)
     context = torch.addcmul(fold.shift, _gc_pool(y, fold.folded, None), fold.scale)
     bias = _gc_transform(attn, context)
     if norm.bias is not None:
@@ -1023,11 +1027,17 @@ def _native_excitation(attn: ChannelAttention, pool: str = "avg") -> dict[str, A
 
 
 def _native_channel_tail(
-    attn: nn.Module, out: torch.Tensor, identity: torch.Tensor, owned: bool
+    attn: nn.Module,
+    out: torch.Tensor,
+    identity: torch.Tensor,
+    owned: bool,
+    bn: nn.Module | None = None,
 ) -> torch.Tensor | None:
     """``relu(attn(out) + identity)`` in one call of :mod:`convattn._native`'s
     ``channel_eval_tail`` for SE / ECA-style channel attention and scSE (float32 contiguous
-    CPU maps, known layers); None when it does not apply."""
+    CPU maps, known layers); None when it does not apply. With ``bn`` (an eval-mode
+    ``nn.BatchNorm2d``), ``out`` is its input and ``relu(attn(bn(out)) + identity)`` is
+    computed with the BatchNorm folded into the kernel."""
     if not (
         out.device.type == "cpu"
         and out.dtype == torch.float32
@@ -1061,6 +1071,11 @@ def _native_channel_tail(
         return None
     from convattn import _native as native_module
 
+    fold = None
+    if bn is not None:
+        fold = _eval_bn_fold(bn, attn)
+        if fold is None or not _float32_weights(fold.scale, fold.shift):
+            return None
     lib = native_module.library()
     if lib is None:
         return None
@@ -1078,6 +1093,8 @@ def _native_channel_tail(
     lib.channel_eval_tail(
         out.data_ptr(),
         identity.data_ptr(),
+        0 if fold is None else fold.scale.data_ptr(),
+        0 if fold is None else fold.shift.data_ptr(),
         n,
         c,
         p,
@@ -1099,12 +1116,17 @@ def _native_channel_tail(
 
 
 def _native_cbam_tail(
-    attn: CBAM, out: torch.Tensor, identity: torch.Tensor, owned: bool
+    attn: CBAM,
+    out: torch.Tensor,
+    identity: torch.Tensor,
+    owned: bool,
+    bn: nn.Module | None = None,
 ) -> torch.Tensor | None:
     """``relu(attn(out) + identity)`` for CBAM in one call of :mod:`convattn._native`'s
     ``cbam_eval_tail`` (float32 contiguous CPU maps; the channel gate's shared MLP with ReLU,
     average + max pools; the spatial gate's [max; mean] descriptor, a plain k x k convolution
-    to one map, an eval-mode BatchNorm or none; one gate kind for both); None otherwise."""
+    to one map, an eval-mode BatchNorm or none; one gate kind for both); None otherwise.
+    With ``bn``, as :func:`_native_channel_tail`: the block's BatchNorm folded in."""
     cg, sg = attn.channel_gate, attn.spatial_gate
     if not (
         out.device.type == "cpu"
@@ -1132,6 +1154,11 @@ def _native_cbam_tail(
         or (sg.bn is not None and not _is_eval_batch_norm(sg.bn))
     ):
         return None
+    fold = None
+    if bn is not None:
+        fold = _eval_bn_fold(bn, attn)
+        if fold is None or not _float32_weights(fold.scale, fold.shift):
+            return None
     from convattn import _native as native_module
 
     lib = native_module.library()
@@ -1139,14 +1166,14 @@ def _native_cbam_tail(
         return None
     bn_scale, bn_shift = 1.0, 0.0
     if sg.bn is not None:  # one channel: its statistics as Python numbers
-        bn = sg.bn
-        assert bn.running_mean is not None and bn.running_var is not None  # (checked above)
-        bn_scale = 1.0 / math.sqrt(bn.running_var.item() + bn.eps)
-        if bn.weight is not None:
-            bn_scale *= bn.weight.item()
-        bn_shift = -bn.running_mean.item() * bn_scale
-        if bn.bias is not None:
-            bn_shift += bn.bias.item()
+        norm = sg.bn
+        assert norm.running_mean is not None and norm.running_var is not None  # (checked)
+        bn_scale = 1.0 / math.sqrt(norm.running_var.item() + norm.eps)
+        if norm.weight is not None:
+            bn_scale *= norm.weight.item()
+        bn_shift = -norm.running_mean.item() * bn_scale
+        if norm.bias is not None:
+            bn_shift += norm.bias.item()
     n, c, h, w = out.shape
     w1, b1, w2, b2, r = spec["mlp"]
     kh, kw = conv.kernel_size
@@ -1157,6 +1184,8 @@ def _native_cbam_tail(
     lib.cbam_eval_tail(
         out.data_ptr(),
         identity.data_ptr(),
+        0 if fold is None else fold.scale.data_ptr(),
+        0 if fold is None else fold.shift.data_ptr(),
         n,
         c,
         h,
@@ -1177,6 +1206,21 @@ def _native_cbam_tail(
         torch.get_num_threads(),
     )
     return result
+
+
+def _native_folded_tail(
+    attn: nn.Module, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor
+) -> torch.Tensor | None:
+    """``relu(attn(bn(y)) + identity)`` for an eval-mode BatchNorm ``bn`` folded into the
+    native kernel of SE / ECA / scSE or CBAM (see :func:`_native_channel_tail`); None where
+    no kernel applies. The result is a new tensor (``y`` may be held by a hook)."""
+    if isinstance(attn, (ChannelAttention, ChannelSpatialSE)):
+        attn._check_input(y)
+        return _native_channel_tail(attn, y, identity, False, bn)
+    if isinstance(attn, CBAM) and not _any_hooks(attn.channel_gate, attn.spatial_gate):
+        attn._check_input(y)
+        return _native_cbam_tail(attn, y, identity, False, bn)
+    return None
 
 
 def _eval_attention_tail(
@@ -1699,8 +1743,14 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
             result = _gc_folded_tail(attn, last_bn, out, identity)
         if result is not None:
             return result
+    native = getattr(block, "fast_native", True)
+    if native and owned and identity.shape == out.shape:
+        # the last BatchNorm (exactly nn.BatchNorm2d, unhooked) folded into a native kernel
+        result = _native_folded_tail(attn, last_bn, out, identity)
+        if result is not None:
+            return result
     out = last_bn(out)
-    result = _eval_attention_tail(attn, out, identity, owned, getattr(block, "fast_native", True))
+    result = _eval_attention_tail(attn, out, identity, owned, native)
     if result is None:
         result = block.relu(attn(out) + identity)
     return result

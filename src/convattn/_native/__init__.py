@@ -52,7 +52,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "cbam_backward_gate": [ctypes.c_void_p] * 10 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_backward_sums": [ctypes.c_void_p] * 14 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_backward_input": [ctypes.c_void_p] * 16 + [_L] * 3 + [ctypes.c_void_p] + [_I],
-    "cbam_eval_tail": [ctypes.c_void_p] * 2
+    "cbam_eval_tail": [ctypes.c_void_p] * 4
     + [_L] * 4
     + [ctypes.c_void_p] * 4
     + [_L, _I, ctypes.c_void_p]
@@ -71,7 +71,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "se_apply": [ctypes.c_void_p] * 5 + [_L] * 3 + [ctypes.c_void_p, _I],
     "se_backward_mask": [ctypes.c_void_p] * 4 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "se_backward_input": [ctypes.c_void_p] * 8 + [_L] * 3 + [ctypes.c_void_p, _I],
-    "channel_eval_tail": [ctypes.c_void_p] * 2
+    "channel_eval_tail": [ctypes.c_void_p] * 4
     + [_L] * 3
     + [_I]
     + [ctypes.c_void_p] * 4

@@ -9,6 +9,8 @@
 
    x1 is never stored: the spatial pool and the final product recompute it, rounded as the
    eager code rounds it. One OpenMP region of PyTorch's thread pool (see cbam_train.c).
+   With bn_a, bn_b (else NULL) the map given is the eval-mode BatchNorm's input y, and
+   x = y * bn_a + bn_b is formed in registers wherever it is read (see channel_eval.c).
    float32, contiguous (N, C, H, W) maps; out may be x. */
 
 #include <math.h>
@@ -18,6 +20,7 @@
 
 typedef struct {
     const float *x, *identity;
+    const float *bn_a, *bn_b; /* (C) each, or NULL */
     long N, C, H, W;
     const float *w1, *b1, *w2, *b2; /* MLP: (R, C), (R) or NULL, (C, R), (C) or NULL */
     long R;
@@ -50,11 +53,13 @@ static void cbam_eval_run(const cbam_eval_args *a) {
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
         const float *restrict v = a->x + r * P;
-        float sum = 0.0f, hi = v[0];
+        float xa = a->bn_a ? a->bn_a[r % C] : 1.0f, xb = a->bn_b ? a->bn_b[r % C] : 0.0f;
+        float sum = 0.0f, hi = -INFINITY;
 #pragma omp simd reduction(+ : sum) reduction(max : hi)
         for (long p = 0; p < P; p++) {
-            sum += v[p];
-            hi = v[p] > hi ? v[p] : hi;
+            float xv = v[p] * xa + xb;
+            sum += xv;
+            hi = xv > hi ? xv : hi;
         }
         a->z[r] = sum / (float)P;
         a->z[rows + r] = hi;
@@ -103,9 +108,10 @@ static void cbam_eval_run(const cbam_eval_args *a) {
         for (long c = 0; c < C; c++) {
             const float *restrict v = a->x + (n * C + c) * P + p0;
             float w = a->cw[n * C + c];
+            float xa = a->bn_a ? a->bn_a[c] : 1.0f, xb = a->bn_b ? a->bn_b[c] : 0.0f;
 #pragma omp simd
             for (long i = 0; i < len; i++) {
-                float x1 = v[i] * w;
+                float x1 = (v[i] * xa + xb) * w;
                 sum[i] += x1;
                 hi[i] = x1 > hi[i] ? x1 : hi[i];
             }
@@ -147,22 +153,24 @@ static void cbam_eval_run(const cbam_eval_args *a) {
         const float *restrict s = a->sw + (r / C) * P;
         float *out = a->out + r * P; /* may be v: each element is read, then written */
         float w = a->cw[r];
+        float xa = a->bn_a ? a->bn_a[r % C] : 1.0f, xb = a->bn_b ? a->bn_b[r % C] : 0.0f;
 #pragma omp simd
         for (long p = 0; p < P; p++) {
-            float t = v[p] * w * s[p] + id[p];
+            float t = (v[p] * xa + xb) * w * s[p] + id[p];
             out[p] = t > 0.0f ? t : 0.0f;
         }
     }
 }
 
-void cbam_eval_tail(const float *x, const float *identity, long N, long C, long H, long W,
+void cbam_eval_tail(const float *x, const float *identity, const float *bn_a,
+                    const float *bn_b, long N, long C, long H, long W,
                     const float *w1, const float *b1, const float *w2, const float *b2, long R,
                     int gate, const float *kernel, long KH, long KW, long PH, long PW,
                     float conv_bias, float bn_scale, float bn_shift, float *work, float *out,
                     int nthreads) {
     /* work: 2NC (z) + 2NR (hidden) + NC (cw) + 2NHW (desc) + NHW (sw) floats */
     long P = H * W;
-    cbam_eval_args a = {x, identity, N, C, H, W, w1, b1, w2, b2, R, gate, kernel, KH, KW,
+    cbam_eval_args a = {x, identity, bn_a, bn_b, N, C, H, W, w1, b1, w2, b2, R, gate, kernel, KH, KW,
                         PH, PW, conv_bias, bn_scale, bn_shift, work, work + 2 * N * C,
                         work + 2 * N * C + 2 * N * R, work + 3 * N * C + 2 * N * R,
                         work + 3 * N * C + 2 * N * R + 2 * N * P, out};

@@ -11,6 +11,9 @@
    Inside a network at batch 1 every PyTorch operation costs tens of microseconds of
    dispatch, and MKL runs the MLP's matrix-vector products on one thread; here the work runs
    in one OpenMP region of PyTorch's thread pool (see cbam_train.c), phase after phase.
+   With bn_a, bn_b (else NULL) the map given is the eval-mode BatchNorm's input y and
+   x = y * bn_a + bn_b is formed in registers wherever it is read: the BatchNorm's own pass
+   (a read and a write of the map) folded in.
    float32, contiguous (N, C, P) maps; out may be x (then x is overwritten). */
 
 #include <math.h>
@@ -19,6 +22,7 @@
 
 typedef struct {
     const float *x, *identity;
+    const float *bn_a, *bn_b;  /* (C) each, or NULL: x as given */
     long N, C, P;
     int excitation;            /* 0: MLP (fc1, ReLU, fc2); 1: 1-D convolution */
     const float *w1, *b1;      /* fc1: (R, C), (R) or NULL */
@@ -61,15 +65,16 @@ static void run(const tail_args *a) {
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
         const float *restrict v = a->x + r * P;
+        float xa = a->bn_a ? a->bn_a[r % C] : 1.0f, xb = a->bn_b ? a->bn_b[r % C] : 0.0f;
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-        for (long p = 0; p < P; p++) acc += v[p];
+        for (long p = 0; p < P; p++) acc += v[p] * xa + xb;
         a->z[r] = acc / (float)P;
         if (part) {
             float w = a->sse_w[r % C];
             float *restrict dst = part + (r / C) * P;
 #pragma omp simd
-            for (long p = 0; p < P; p++) dst[p] += w * v[p];
+            for (long p = 0; p < P; p++) dst[p] += w * (v[p] * xa + xb);
         }
     }
     /* excitation */
@@ -114,10 +119,11 @@ static void run(const tail_args *a) {
         const float *v = a->x + r * P, *restrict id = a->identity + r * P;
         float *out = a->out + r * P; /* may be v: each element is read, then written */
         float g = a->g[r];
+        float xa = a->bn_a ? a->bn_a[r % C] : 1.0f, xb = a->bn_b ? a->bn_b[r % C] : 0.0f;
         if (!a->sse_w) {
 #pragma omp simd
             for (long p = 0; p < P; p++) {
-                float t = v[p] * g + id[p];
+                float t = (v[p] * xa + xb) * g + id[p];
                 out[p] = t > 0.0f ? t : 0.0f;
             }
         } else {
@@ -125,14 +131,14 @@ static void run(const tail_args *a) {
             if (a->fusion == 0) {
 #pragma omp simd
                 for (long p = 0; p < P; p++) {
-                    float cg = v[p] * g, sg = v[p] * s[p];
+                    float xv = v[p] * xa + xb, cg = xv * g, sg = xv * s[p];
                     float t = (sg > cg ? sg : cg) + id[p];
                     out[p] = t > 0.0f ? t : 0.0f;
                 }
             } else {
 #pragma omp simd
                 for (long p = 0; p < P; p++) {
-                    float t = v[p] * g + v[p] * s[p] + id[p];
+                    float xv = v[p] * xa + xb, t = xv * g + xv * s[p] + id[p];
                     out[p] = t > 0.0f ? t : 0.0f;
                 }
             }
@@ -140,13 +146,14 @@ static void run(const tail_args *a) {
     }
 }
 
-void channel_eval_tail(const float *x, const float *identity, long N, long C, long P,
+void channel_eval_tail(const float *x, const float *identity, const float *bn_a,
+                       const float *bn_b, long N, long C, long P,
                        int excitation, const float *w1, const float *b1, const float *w2,
                        const float *b2, long R, const float *kernel, long K, float kernel_bias,
                        int gate, const float *sse_w, float sse_b, int fusion, float *work,
                        float *out, int nthreads) {
     /* work: N * C (z) + N * R (hidden) + N * C (g) + (nthreads + 1) * N * P (scSE only) */
-    tail_args a = {x, identity, N, C, P, excitation, w1, b1, w2, b2, R, kernel, K,
+    tail_args a = {x, identity, bn_a, bn_b, N, C, P, excitation, w1, b1, w2, b2, R, kernel, K,
                    kernel_bias, gate, sse_w, sse_b, fusion, work, work + N * C,
                    work + N * C + N * R, NULL, NULL, out};
     if (nthreads < 1) nthreads = 1;
