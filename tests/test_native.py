@@ -627,3 +627,42 @@ def test_native_eval_tails_fold_the_blocks_batchnorm(name: str) -> None:
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         bn.train()
         assert _native_folded_tail(attn, bn, y, identity) is None  # batch statistics
+
+
+@requires_native
+@pytest.mark.parametrize("name", ["se", "eca", "scse", "cbam"])
+def test_native_eval_arguments_follow_parameter_changes(name: str) -> None:
+    """The kernels' arguments are kept on the module between calls: in-place updates,
+    reassigned ``.data``, replaced submodules and new hooks must all be seen."""
+    torch.manual_seed(1)
+    attn = create(name, channels=32).eval()
+    x, identity = torch.randn(2, 32, 6, 6), torch.randn(2, 32, 6, 6)
+    tail = _native_cbam_tail if name == "cbam" else _native_channel_tail
+
+    def check() -> None:
+        with torch.no_grad():
+            got = tail(attn, x, identity, False)
+            assert got is not None
+            ref = copy.deepcopy(attn).double()
+            if name == "cbam":
+                want = _cbam_eval_reference(ref, x.double(), identity.double())
+            else:
+                want = _eval_tail_reference(ref, x.double(), identity.double())
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        for p in attn.parameters():  # in place: versions change
+            p.mul_(-1.5).add_(0.1)
+    check()
+    for p in attn.parameters():  # new storage
+        p.data = torch.randn_like(p)
+    check()
+    if name == "cbam":
+        with torch.no_grad():
+            attn.spatial_gate.bn.running_mean.fill_(0.7)  # a buffer read as a number
+        check()
+    handle = next(iter(attn.children())).register_forward_pre_hook(lambda *args: None)
+    assert tail(attn, x, identity, False) is None
+    handle.remove()
+    check()

@@ -39,6 +39,7 @@ fast paths on or off, converts to channels_last and wraps in ``torch.compile`` o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
@@ -1026,6 +1027,91 @@ def _native_excitation(attn: ChannelAttention, pool: str = "avg") -> dict[str, A
     }
 
 
+_SPEC_KEY = "_convattn_native_spec"
+
+
+def _tensor_state(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _cached_spec(
+    attn: nn.Module,
+    build: Callable[[nn.Module], tuple[tuple[Any, ...] | None, tuple[torch.Tensor, ...]]],
+) -> tuple[Any, ...] | None:
+    """``build(attn)``'s kernel arguments (or None: no kernel applies), kept on ``attn``
+    while its submodules are the same objects and the tensors the arguments were read from
+    have the same storage and version (an in-place update, a reassigned ``.data`` or a new
+    parameter builds anew); at batch 1 the checks behind them cost about as much as the
+    kernel. Hooks are looked for on every call."""
+    modules = tuple(attn.modules())
+    if _any_hooks(*modules[1:]):
+        return None
+    entry = attn.__dict__.get(_SPEC_KEY)
+    if entry is not None and entry[0] == modules and entry[2] == _tensor_state(entry[1]):
+        spec: tuple[Any, ...] | None = entry[3]
+        return spec
+    spec, tensors = build(attn)
+    if not any(t.is_inference() for t in tensors):
+        attn.__dict__[_SPEC_KEY] = (modules, tensors, _tensor_state(tensors), spec)
+    return spec
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _channel_spec(
+    attn: nn.Module,
+) -> tuple[tuple[Any, ...] | None, tuple[torch.Tensor, ...]]:
+    """``channel_eval_tail``'s arguments for ``attn`` (SE / ECA-style channel attention or
+    scSE), and the tensors they were read from: ``(rd, has_sse, args)`` with ``args`` from
+    ``excitation`` to ``fusion``; None where the kernel does not know the layers."""
+    sse: SpatialSE | None = None
+    sse_w: torch.Tensor | None = None
+    sse_b: torch.Tensor | None = None
+    channel: nn.Module = attn
+    fusion = "max"
+    tensors: list[torch.Tensor] = []
+    if isinstance(attn, ChannelSpatialSE):
+        channel, sse, fusion = attn.cse, attn.sse, attn.fusion
+        conv = sse.conv
+        if (
+            fusion not in ("max", "sum")
+            or type(sse.gate) is not nn.Sigmoid
+            or _overrides(sse, SpatialSE, "attention")
+            or not _is_plain_conv_to_one(conv)
+            or conv.kernel_size != (1, 1)
+            or conv.padding != (0, 0)
+            or not _float32_weights(conv.weight, conv.bias)
+        ):
+            return None, ()
+        assert isinstance(conv, nn.Conv2d)  # (checked above)
+        sse_w, sse_b = conv.weight, conv.bias
+        tensors += [t for t in (sse_w, sse_b) if t is not None]
+    if not isinstance(channel, ChannelAttention):
+        return None, ()
+    spec = _native_excitation(channel)
+    if spec is None:
+        return None, ()
+    w1, b1, w2, b2, rd = spec["mlp"]
+    kernel, k, kernel_bias = spec["conv"]
+    tensors += [t for t in (w1, b1, w2, b2, kernel) if t is not None]
+    tensors += [t for t in channel.parameters() if t is not None]  # (ECA's bias value)
+    args = (
+        spec["excitation"],
+        *(_ptr(t) for t in (w1, b1, w2, b2)),
+        rd,
+        _ptr(kernel),
+        k,
+        kernel_bias,
+        spec["gate"],
+        _ptr(sse_w),
+        0.0 if sse_b is None else float(sse_b),
+        0 if fusion == "max" else 1,
+    )
+    return (rd, sse is not None, args), tuple(tensors)
+
+
 def _native_channel_tail(
     attn: nn.Module,
     out: torch.Tensor,
@@ -1047,72 +1133,98 @@ def _native_channel_tail(
         and identity.is_contiguous()
     ):
         return None
-    sse: SpatialSE | None = None
-    channel: nn.Module = attn
-    fusion = "max"
-    if isinstance(attn, ChannelSpatialSE):
-        channel, sse, fusion = attn.cse, attn.sse, attn.fusion
-        conv = sse.conv
-        if (
-            fusion not in ("max", "sum")
-            or type(sse.gate) is not nn.Sigmoid
-            or _any_hooks(attn.cse, sse, conv, sse.gate)
-            or _overrides(sse, SpatialSE, "attention")
-            or not _is_plain_conv_to_one(conv)
-            or conv.kernel_size != (1, 1)
-            or conv.padding != (0, 0)
-            or not _float32_weights(conv.weight, conv.bias)
-        ):
-            return None
-    if not isinstance(channel, ChannelAttention):
-        return None
-    spec = _native_excitation(channel)
+    spec = _cached_spec(attn, _channel_spec)
     if spec is None:
         return None
-    from convattn import _native as native_module
-
+    rd, has_sse, args = spec
     fold = None
     if bn is not None:
         fold = _eval_bn_fold(bn, attn)
         if fold is None or not _float32_weights(fold.scale, fold.shift):
             return None
+    from convattn import _native as native_module
+
     lib = native_module.library()
     if lib is None:
         return None
     n, c = out.shape[:2]
     p = out[0, 0].numel()
     threads = torch.get_num_threads()
-    w1, b1, w2, b2, r = spec["mlp"]
-    kernel, k, kernel_bias = spec["conv"]
-    sse_w = sse_b = None
-    if sse is not None:
-        sse_w, sse_b = sse.conv.weight, sse.conv.bias
-    work = torch.empty(2 * n * c + n * r + (0 if sse is None else (threads + 1) * n * p))
+    work = torch.empty(2 * n * c + n * rd + ((threads + 1) * n * p if has_sse else 0))
     result = out if owned else torch.empty_like(out)
-    null = 0
     lib.channel_eval_tail(
         out.data_ptr(),
         identity.data_ptr(),
-        0 if fold is None else fold.scale.data_ptr(),
-        0 if fold is None else fold.shift.data_ptr(),
+        _ptr(None if fold is None else fold.scale),
+        _ptr(None if fold is None else fold.shift),
         n,
         c,
         p,
-        spec["excitation"],
-        *(null if t is None else t.data_ptr() for t in (w1, b1, w2, b2)),
-        r,
-        null if kernel is None else kernel.data_ptr(),
-        k,
-        kernel_bias,
-        spec["gate"],
-        null if not isinstance(sse_w, torch.Tensor) else sse_w.data_ptr(),
-        float(sse_b) if isinstance(sse_b, torch.Tensor) else 0.0,
-        0 if fusion == "max" else 1,
+        *args,
         work.data_ptr(),
         result.data_ptr(),
         threads,
     )
     return result
+
+
+def _cbam_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Tensor, ...]]:
+    """``cbam_eval_tail``'s arguments from the MLP's weights to the spatial BatchNorm's shift
+    (that BatchNorm's one channel read as Python numbers: torch operations on it cost more
+    than the kernel's work at 7 x 7), with the hidden width first, and the tensors they were
+    read from; None where the kernel does not know the layers."""
+    assert isinstance(attn, CBAM)
+    cg, sg = attn.channel_gate, attn.spatial_gate
+    if not (
+        isinstance(cg, ChannelAttention)
+        and isinstance(sg, SpatialAttention)
+        and sg.pool == "both"
+        and not _overrides(sg, SpatialAttention, "attention", "describe")
+    ):
+        return None, ()
+    spec = _native_excitation(cg, "avg+max")
+    conv = sg.conv
+    if (
+        spec is None
+        or spec["excitation"] != 0
+        or _native_gate_kind(sg.gate) != spec["gate"]
+        or not _is_plain_conv_to_one(conv)
+        or conv.in_channels != 2
+        or not _float32_weights(conv.weight, conv.bias)
+        or (sg.bn is not None and not _is_eval_batch_norm(sg.bn))
+    ):
+        return None, ()
+    bn_scale, bn_shift = 1.0, 0.0
+    norm = sg.bn
+    if norm is not None:
+        assert norm.running_mean is not None and norm.running_var is not None  # (checked)
+        bn_scale = 1.0 / math.sqrt(norm.running_var.item() + norm.eps)
+        if norm.weight is not None:
+            bn_scale *= norm.weight.item()
+        bn_shift = -norm.running_mean.item() * bn_scale
+        if norm.bias is not None:
+            bn_shift += norm.bias.item()
+    w1, b1, w2, b2, rd = spec["mlp"]
+    kh, kw = conv.kernel_size
+    ph, pw = (int(q) for q in conv.padding)
+    conv_bias = conv.bias.item() if isinstance(conv.bias, torch.Tensor) else 0.0
+    args = (
+        *(_ptr(t) for t in (w1, b1, w2, b2)),
+        rd,
+        spec["gate"],
+        conv.weight.data_ptr(),
+        kh,
+        kw,
+        ph,
+        pw,
+        conv_bias,
+        bn_scale,
+        bn_shift,
+    )
+    sources = [w1, b1, w2, b2, conv.weight, conv.bias, *cg.parameters()]
+    if norm is not None:
+        sources += [norm.running_mean, norm.running_var, norm.weight, norm.bias]
+    return (rd, args), tuple(t for t in sources if t is not None)
 
 
 def _native_cbam_tail(
@@ -1127,7 +1239,6 @@ def _native_cbam_tail(
     average + max pools; the spatial gate's [max; mean] descriptor, a plain k x k convolution
     to one map, an eval-mode BatchNorm or none; one gate kind for both); None otherwise.
     With ``bn``, as :func:`_native_channel_tail`: the block's BatchNorm folded in."""
-    cg, sg = attn.channel_gate, attn.spatial_gate
     if not (
         out.device.type == "cpu"
         and out.dtype == torch.float32
@@ -1135,25 +1246,15 @@ def _native_cbam_tail(
         and out.dim() == 4
         and out.is_contiguous()
         and identity.is_contiguous()
-        and isinstance(cg, ChannelAttention)
-        and isinstance(sg, SpatialAttention)
-        and sg.pool == "both"
-        and not _overrides(sg, SpatialAttention, "attention", "describe")
-        and not _any_hooks(cg, sg, sg.conv, sg.bn, sg.gate)
     ):
         return None
-    spec = _native_excitation(cg, "avg+max")
-    conv = sg.conv
-    if (
-        spec is None
-        or spec["excitation"] != 0
-        or _native_gate_kind(sg.gate) != spec["gate"]
-        or not _is_plain_conv_to_one(conv)
-        or conv.in_channels != 2
-        or not _float32_weights(conv.weight, conv.bias)
-        or (sg.bn is not None and not _is_eval_batch_norm(sg.bn))
-    ):
+    norm = attn.spatial_gate.bn
+    if norm is not None and norm.training:  # (the cached spec holds its running statistics)
         return None
+    spec = _cached_spec(attn, _cbam_spec)
+    if spec is None:
+        return None
+    rd, args = spec
     fold = None
     if bn is not None:
         fold = _eval_bn_fold(bn, attn)
@@ -1164,43 +1265,19 @@ def _native_cbam_tail(
     lib = native_module.library()
     if lib is None:
         return None
-    bn_scale, bn_shift = 1.0, 0.0
-    if sg.bn is not None:  # one channel: its statistics as Python numbers
-        norm = sg.bn
-        assert norm.running_mean is not None and norm.running_var is not None  # (checked)
-        bn_scale = 1.0 / math.sqrt(norm.running_var.item() + norm.eps)
-        if norm.weight is not None:
-            bn_scale *= norm.weight.item()
-        bn_shift = -norm.running_mean.item() * bn_scale
-        if norm.bias is not None:
-            bn_shift += norm.bias.item()
     n, c, h, w = out.shape
-    w1, b1, w2, b2, r = spec["mlp"]
-    kh, kw = conv.kernel_size
-    ph, pw = (int(q) for q in conv.padding)
-    conv_bias = conv.bias.item() if isinstance(conv.bias, torch.Tensor) else 0.0
-    work = torch.empty(3 * n * c + 2 * n * r + 3 * n * h * w)
+    work = torch.empty(3 * n * c + 2 * n * rd + 3 * n * h * w)
     result = out if owned else torch.empty_like(out)
     lib.cbam_eval_tail(
         out.data_ptr(),
         identity.data_ptr(),
-        0 if fold is None else fold.scale.data_ptr(),
-        0 if fold is None else fold.shift.data_ptr(),
+        _ptr(None if fold is None else fold.scale),
+        _ptr(None if fold is None else fold.shift),
         n,
         c,
         h,
         w,
-        *(0 if t is None else t.data_ptr() for t in (w1, b1, w2, b2)),
-        r,
-        spec["gate"],
-        conv.weight.data_ptr(),
-        kh,
-        kw,
-        ph,
-        pw,
-        conv_bias,
-        bn_scale,
-        bn_shift,
+        *args,
         work.data_ptr(),
         result.data_ptr(),
         torch.get_num_threads(),
