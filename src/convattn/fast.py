@@ -821,15 +821,59 @@ def _eval_bn_fold(
     return fold
 
 
+def _gc_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Tensor, ...]]:
+    """``gc_eval_tail``'s transform arguments (from the first 1x1 convolution's weight to the
+    second's bias) with the mask convolution first and the hidden width, and the tensors
+    they were read from; None unless GC has add fusion, the standard softmax context through
+    a plain 1x1 mask convolution and the standard transform (1x1 convolution, LayerNorm over
+    ``(C/r, 1, 1)``, ReLU, 1x1 convolution)."""
+    assert isinstance(attn, GlobalContext)
+    transform = attn.channel_add_conv
+    if not (
+        attn.fusion_types == ("add",)
+        and type(transform) is nn.Sequential
+        and len(transform) == 4
+        and _gc_standard_context(attn)
+    ):
+        return None, ()
+    conv1, norm, act, conv2 = list(transform)
+    mask = attn.conv_mask
+    if not (
+        isinstance(conv1, nn.Conv2d)
+        and isinstance(conv2, nn.Conv2d)
+        and isinstance(norm, nn.LayerNorm)
+        and isinstance(mask, nn.Conv2d)
+    ):
+        return None, ()
+    weights = []
+    for conv in (conv1, conv2):
+        if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1):
+            return None, ()
+        weights.append(conv.weight.flatten(1))
+    if (
+        not (_is_plain_conv_to_one(mask) and mask.kernel_size == (1, 1))
+        or type(norm) is not nn.LayerNorm
+        or norm.normalized_shape != (attn.rd_channels, 1, 1)
+        or type(act) is not nn.ReLU
+        or not _float32_weights(*weights, conv1.bias, conv2.bias, norm.weight, norm.bias)
+    ):
+        return None, ()
+    args = (
+        *(_ptr(t) for t in (weights[0], conv1.bias, norm.weight, norm.bias)),
+        float(norm.eps),
+        *(_ptr(t) for t in (weights[1], conv2.bias)),
+        attn.rd_channels,
+    )
+    sources = (weights[0], weights[1], conv1.bias, conv2.bias, norm.weight, norm.bias)
+    return (mask, attn.rd_channels, args), tuple(t for t in sources if t is not None)
+
+
 def _native_gc_tail(
     attn: GlobalContext, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor
 ) -> torch.Tensor | None:
     """``relu(GC(bn(y)) + identity)`` in one call of :mod:`convattn._native`'s
-    ``gc_eval_tail``, with the eval-mode BatchNorm folded as in :func:`_gc_folded_tail`: GC
-    with add fusion, the standard softmax context through a 1x1 mask convolution and the
-    standard transform (1x1 convolution, LayerNorm over ``(C/r, 1, 1)``, ReLU, 1x1
-    convolution); float32 contiguous CPU maps. None where that does not apply."""
-    transform = attn.channel_add_conv
+    ``gc_eval_tail``, with the eval-mode BatchNorm folded as in :func:`_gc_folded_tail` (GC
+    as :func:`_gc_spec` describes it); float32 contiguous CPU maps. None otherwise."""
     if not (
         y.device.type == "cpu"
         and y.dtype == torch.float32
@@ -838,36 +882,12 @@ def _native_gc_tail(
         and y.is_contiguous()
         and identity.is_contiguous()
         and identity.shape == y.shape
-        and attn.fusion_types == ("add",)
-        and type(transform) is nn.Sequential
-        and len(transform) == 4
-        and _gc_standard_context(attn)
     ):
         return None
-    conv1, norm, act, conv2 = list(transform)
-    if not (
-        isinstance(conv1, nn.Conv2d)
-        and isinstance(conv2, nn.Conv2d)
-        and isinstance(norm, nn.LayerNorm)
-    ):
+    spec = _cached_spec(attn, _gc_spec)
+    if spec is None:
         return None
-    mask = attn.conv_mask
-    assert isinstance(mask, nn.Conv2d)  # _gc_standard_context checked it is there
-    rd = attn.rd_channels
-    weights = []
-    for conv in (conv1, conv2):
-        if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1):
-            return None
-        weights.append(conv.weight.flatten(1))
-    if (
-        not (_is_plain_conv_to_one(mask) and mask.kernel_size == (1, 1))
-        or type(norm) is not nn.LayerNorm
-        or norm.normalized_shape != (rd, 1, 1)
-        or type(act) is not nn.ReLU
-        or _any_hooks(transform, conv1, norm, act, conv2)
-        or not _float32_weights(*weights, conv1.bias, conv2.bias, norm.weight, norm.bias)
-    ):
-        return None
+    mask, rd, args = spec
     fold = _eval_bn_fold(bn, attn, mask.weight)
     if fold is None or not _float32_weights(fold.scale, fold.shift, fold.folded):
         return None
@@ -881,18 +901,14 @@ def _native_gc_tail(
     p = h * w
     work = torch.empty(n * p + 2 * n * c + n * rd)
     out = torch.empty_like(y)
-    tensors = (fold.scale, fold.shift, fold.folded, weights[0], conv1.bias, norm.weight, norm.bias)
     lib.gc_eval_tail(
         y.data_ptr(),
         identity.data_ptr(),
         n,
         c,
         p,
-        *(0 if t is None else t.data_ptr() for t in tensors),
-        float(norm.eps),
-        weights[1].data_ptr(),
-        0 if conv2.bias is None else conv2.bias.data_ptr(),
-        rd,
+        *(_ptr(t) for t in (fold.scale, fold.shift, fold.folded)),
+        *args,
         work.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),
