@@ -666,3 +666,16 @@ def test_native_eval_arguments_follow_parameter_changes(name: str) -> None:
     assert tail(attn, x, identity, False) is None
     handle.remove()
     check()
+
+
+def test_optimize_switches_the_native_kernels() -> None:
+    from convattn.fast import optimize
+    from convattn.models.resnet import _Block
+
+    model = create_model("cifar_resnet20", attention="se")
+    optimize(model, native=False)
+    assert not any(m.fast_native for m in model.modules() if isinstance(m, _Block))
+    optimize(model)
+    assert all(m.fast_native for m in model.modules() if isinstance(m, _Block))
+    with pytest.raises(TypeError, match="optimize: native must be a bool"):
+        optimize(model, native="yes")  # type: ignore[arg-type]

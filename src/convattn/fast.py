@@ -28,6 +28,17 @@ BatchNorm's output (as the plain block adds the residual in place); the gate's g
 from ``c`` and the statistics in one pass, without rebuilding ``BN(c)``: one full feature map
 per block less than the plain graph keeps.
 
+Native kernels (:mod:`convattn._native`: plain C compiled with the system's compiler on
+first use, run in PyTorch's OpenMP thread pool) take over where they apply, float32
+contiguous CPU maps and the standard layers: in inference the whole tail of SE, ECA, cSE,
+scSE, CBAM and GC after an eval-mode BatchNorm (which they fold in) is one call per block;
+in training the tails of SE / ECA (:class:`_SeTailNative`) and CBAM
+(:class:`_CbamTailNative`) after a batch-statistics BatchNorm make two to four passes over
+the map in each direction, recomputing ``BN(c)`` from ``c`` in registers, where the PyTorch
+operations above make up to forty. Their excitation MLPs and convolutions stay the
+modules' own. ``set_fast_paths(model, native=False)``, ``CONVATTN_NATIVE=0`` or a machine
+without a C compiler keep the PyTorch fast paths.
+
 Blocks without attention add the residual in place into the last BatchNorm's output (as
 torchvision does), in inference and training, so that the plain backbone that attention's
 overhead is measured against is as fast as torchvision's and timm's.
@@ -1858,11 +1869,12 @@ def set_fast_paths(
     ``recompute`` (with ``enabled``) keeps CBAM's memory-saving training path, which rebuilds
     the gated maps in backward: about 30 % less training memory for CBAM blocks; False trains
     CBAM blocks the direct way (SE / ECA's memory-saving path costs no speed and stays on).
-    ``native`` (with ``recompute``) lets CBAM's training path run in convattn's compiled CPU
-    kernels (:mod:`convattn._native`, built with the system's C compiler on first use) for
-    float32 maps on the CPU: about a quarter faster per CBAM-ResNet-20 training step; False
-    keeps it in PyTorch operations (as does a machine without a C compiler, or
-    ``CONVATTN_NATIVE=0`` in the environment).
+    ``native`` lets the fast paths run in convattn's compiled CPU kernels
+    (:mod:`convattn._native`, built with the system's C compiler on first use) for float32
+    contiguous maps on the CPU: the training tails of SE / ECA and CBAM (with ``recompute``)
+    and the inference tails of SE, ECA, scSE, CBAM and GC, each one call per block with the
+    block's eval-mode BatchNorm folded in; False keeps them in PyTorch operations (as does a
+    machine without a C compiler, or ``CONVATTN_NATIVE=0`` in the environment).
     """
     for option, value in (("enabled", enabled), ("recompute", recompute), ("native", native)):
         if not isinstance(value, bool):
@@ -1886,6 +1898,7 @@ def optimize(
     channels_last: bool = False,
     fuse: bool = True,
     recompute: bool = True,
+    native: bool = True,
     compile_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Make ``model`` cheaper to run without changing what it computes.
@@ -1899,7 +1912,11 @@ def optimize(
         fuse: turn the eager fast paths of the reference blocks on (the default of a freshly
             built model) or off.
         recompute: keep CBAM's memory-saving training path (see :func:`set_fast_paths`);
-            False favours training speed over memory for CBAM blocks.
+            False trains CBAM blocks the direct way (more memory; slower than the native
+            kernels).
+        native: let the fast paths run in convattn's compiled CPU kernels
+            (:mod:`convattn._native`) where they apply; False keeps them in PyTorch
+            operations.
 
     Returns:
         ``model`` (changed in place), or the ``torch.compile`` wrapper around it.
@@ -1908,6 +1925,7 @@ def optimize(
         raise TypeError(f"optimize: model must be an nn.Module, got {type(model).__name__}")
     flags = {"compile": compile, "channels_last": channels_last, "fuse": fuse}
     flags["recompute"] = recompute
+    flags["native"] = native
     for option, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"optimize: {option} must be a bool, got {type(value).__name__}")
@@ -1915,7 +1933,7 @@ def optimize(
         raise TypeError(
             f"optimize: compile_options must be a dict, got {type(compile_options).__name__}"
         )
-    set_fast_paths(model, fuse, recompute=recompute)
+    set_fast_paths(model, fuse, recompute=recompute, native=native)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
