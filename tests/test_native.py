@@ -5,6 +5,7 @@ their papers' equations in float64."""
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from pathlib import Path
 
@@ -679,3 +680,16 @@ def test_optimize_switches_the_native_kernels() -> None:
     assert all(m.fast_native for m in model.modules() if isinstance(m, _Block))
     with pytest.raises(TypeError, match="optimize: native must be a bool"):
         optimize(model, native="yes")  # type: ignore[arg-type]
+
+
+def test_build_falls_back_to_the_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if _native._compiler() is None:
+        pytest.skip("no C compiler")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("CONVATTN_CACHE_DIR", str(blocked / "cache"))  # cannot be made
+    monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(tmp_path))
+    path = _native.build()
+    assert path.parent == tmp_path / f"convattn-{os.getuid()}" and path.is_file()

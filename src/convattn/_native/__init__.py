@@ -142,7 +142,14 @@ def build() -> Path:
     path = _library_path(compiler)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: a private folder under the temporary directory
+        fallback = Path(tempfile.gettempdir()) / f"convattn-{os.getuid()}"
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        path = fallback / path.name
+        if path.exists():
+            return path
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
     try:
