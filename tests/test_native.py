@@ -659,6 +659,11 @@ def test_native_eval_arguments_follow_parameter_changes(name: str) -> None:
     for p in attn.parameters():  # new storage
         p.data = torch.randn_like(p)
     check()
+    for module in attn.modules():  # new parameter objects
+        for key, p in list(module._parameters.items()):
+            if p is not None:
+                setattr(module, key, nn.Parameter(torch.randn_like(p) * 0.5))
+    check()
     if name == "cbam":
         with torch.no_grad():
             attn.spatial_gate.bn.running_mean.fill_(0.7)  # a buffer read as a number

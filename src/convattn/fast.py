@@ -832,10 +832,10 @@ def _eval_bn_fold(
     return fold
 
 
-def _gc_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Tensor, ...]]:
+def _gc_spec(attn: nn.Module) -> tuple[Any, ...] | None:
     """``gc_eval_tail``'s transform arguments (from the first 1x1 convolution's weight to the
-    second's bias) with the mask convolution first and the hidden width, and the tensors
-    they were read from; None unless GC has add fusion, the standard softmax context through
+    second's bias) with the mask convolution first and the hidden width; None unless GC has
+    add fusion, the standard softmax context through
     a plain 1x1 mask convolution and the standard transform (1x1 convolution, LayerNorm over
     ``(C/r, 1, 1)``, ReLU, 1x1 convolution)."""
     assert isinstance(attn, GlobalContext)
@@ -846,7 +846,7 @@ def _gc_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Tenso
         and len(transform) == 4
         and _gc_standard_context(attn)
     ):
-        return None, ()
+        return None
     conv1, norm, act, conv2 = list(transform)
     mask = attn.conv_mask
     if not (
@@ -855,11 +855,11 @@ def _gc_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Tenso
         and isinstance(norm, nn.LayerNorm)
         and isinstance(mask, nn.Conv2d)
     ):
-        return None, ()
+        return None
     weights = []
     for conv in (conv1, conv2):
         if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1):
-            return None, ()
+            return None
         weights.append(conv.weight.flatten(1))
     if (
         not (_is_plain_conv_to_one(mask) and mask.kernel_size == (1, 1))
@@ -868,15 +868,14 @@ def _gc_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Tenso
         or type(act) is not nn.ReLU
         or not _float32_weights(*weights, conv1.bias, conv2.bias, norm.weight, norm.bias)
     ):
-        return None, ()
+        return None
     args = (
         *(_ptr(t) for t in (weights[0], conv1.bias, norm.weight, norm.bias)),
         float(norm.eps),
         *(_ptr(t) for t in (weights[1], conv2.bias)),
         attn.rd_channels,
     )
-    sources = (weights[0], weights[1], conv1.bias, conv2.bias, norm.weight, norm.bias)
-    return (mask, attn.rd_channels, args), tuple(t for t in sources if t is not None)
+    return mask, attn.rd_channels, args
 
 
 def _native_gc_tail(
@@ -1057,29 +1056,33 @@ def _native_excitation(attn: ChannelAttention, pool: str = "avg") -> dict[str, A
 _SPEC_KEY = "_convattn_native_spec"
 
 
-def _tensor_state(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
 def _cached_spec(
-    attn: nn.Module,
-    build: Callable[[nn.Module], tuple[tuple[Any, ...] | None, tuple[torch.Tensor, ...]]],
+    attn: nn.Module, build: Callable[[nn.Module], tuple[Any, ...] | None]
 ) -> tuple[Any, ...] | None:
     """``build(attn)``'s kernel arguments (or None: no kernel applies), kept on ``attn``
-    while its submodules are the same objects and the tensors the arguments were read from
-    have the same storage and version (an in-place update, a reassigned ``.data`` or a new
-    parameter builds anew); at batch 1 the checks behind them cost about as much as the
-    kernel. Hooks are looked for on every call."""
+    while its submodules, parameters and buffers are the same objects with the same storage
+    and version (an in-place update, a reassigned ``.data`` or a new parameter builds anew);
+    at batch 1 the checks behind them cost about as much as the kernel. Hooks are looked for
+    on every call."""
     modules = tuple(attn.modules())
     if _any_hooks(*modules[1:]):
         return None
+    tensors = (*attn.parameters(), *attn.buffers())
+    if any(t.is_inference() for t in tensors):  # no version counter: build every time
+        return build(attn)
+    state = tuple((t.data_ptr(), t._version) for t in tensors)
     entry = attn.__dict__.get(_SPEC_KEY)
-    if entry is not None and entry[0] == modules and entry[2] == _tensor_state(entry[1]):
+    if (
+        entry is not None
+        and entry[0] == modules  # (modules compare by identity)
+        and len(entry[1]) == len(tensors)
+        and all(a is b for a, b in zip(entry[1], tensors, strict=True))
+        and entry[2] == state
+    ):
         spec: tuple[Any, ...] | None = entry[3]
         return spec
-    spec, tensors = build(attn)
-    if not any(t.is_inference() for t in tensors):
-        attn.__dict__[_SPEC_KEY] = (modules, tensors, _tensor_state(tensors), spec)
+    spec = build(attn)
+    attn.__dict__[_SPEC_KEY] = (modules, tensors, state, spec)
     return spec
 
 
@@ -1087,18 +1090,15 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _channel_spec(
-    attn: nn.Module,
-) -> tuple[tuple[Any, ...] | None, tuple[torch.Tensor, ...]]:
+def _channel_spec(attn: nn.Module) -> tuple[Any, ...] | None:
     """``channel_eval_tail``'s arguments for ``attn`` (SE / ECA-style channel attention or
-    scSE), and the tensors they were read from: ``(rd, has_sse, args)`` with ``args`` from
-    ``excitation`` to ``fusion``; None where the kernel does not know the layers."""
+    scSE): ``(rd, has_sse, args)`` with ``args`` from ``excitation`` to ``fusion``; None
+    where the kernel does not know the layers."""
     sse: SpatialSE | None = None
     sse_w: torch.Tensor | None = None
     sse_b: torch.Tensor | None = None
     channel: nn.Module = attn
     fusion = "max"
-    tensors: list[torch.Tensor] = []
     if isinstance(attn, ChannelSpatialSE):
         channel, sse, fusion = attn.cse, attn.sse, attn.fusion
         conv = sse.conv
@@ -1111,19 +1111,16 @@ def _channel_spec(
             or conv.padding != (0, 0)
             or not _float32_weights(conv.weight, conv.bias)
         ):
-            return None, ()
+            return None
         assert isinstance(conv, nn.Conv2d)  # (checked above)
         sse_w, sse_b = conv.weight, conv.bias
-        tensors += [t for t in (sse_w, sse_b) if t is not None]
     if not isinstance(channel, ChannelAttention):
-        return None, ()
+        return None
     spec = _native_excitation(channel)
     if spec is None:
-        return None, ()
+        return None
     w1, b1, w2, b2, rd = spec["mlp"]
     kernel, k, kernel_bias = spec["conv"]
-    tensors += [t for t in (w1, b1, w2, b2, kernel) if t is not None]
-    tensors += [t for t in channel.parameters() if t is not None]  # (ECA's bias value)
     args = (
         spec["excitation"],
         *(_ptr(t) for t in (w1, b1, w2, b2)),
@@ -1136,7 +1133,7 @@ def _channel_spec(
         0.0 if sse_b is None else float(sse_b),
         0 if fusion == "max" else 1,
     )
-    return (rd, sse is not None, args), tuple(tensors)
+    return rd, sse is not None, args
 
 
 def _native_channel_tail(
@@ -1195,11 +1192,11 @@ def _native_channel_tail(
     return result
 
 
-def _cbam_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Tensor, ...]]:
+def _cbam_spec(attn: nn.Module) -> tuple[Any, ...] | None:
     """``cbam_eval_tail``'s arguments from the MLP's weights to the spatial BatchNorm's shift
     (that BatchNorm's one channel read as Python numbers: torch operations on it cost more
-    than the kernel's work at 7 x 7), with the hidden width first, and the tensors they were
-    read from; None where the kernel does not know the layers."""
+    than the kernel's work at 7 x 7), with the hidden width first; None where the kernel does
+    not know the layers."""
     assert isinstance(attn, CBAM)
     cg, sg = attn.channel_gate, attn.spatial_gate
     if not (
@@ -1208,7 +1205,7 @@ def _cbam_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Ten
         and sg.pool == "both"
         and not _overrides(sg, SpatialAttention, "attention", "describe")
     ):
-        return None, ()
+        return None
     spec = _native_excitation(cg, "avg+max")
     conv = sg.conv
     if (
@@ -1220,7 +1217,7 @@ def _cbam_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Ten
         or not _float32_weights(conv.weight, conv.bias)
         or (sg.bn is not None and not _is_eval_batch_norm(sg.bn))
     ):
-        return None, ()
+        return None
     bn_scale, bn_shift = 1.0, 0.0
     norm = sg.bn
     if norm is not None:
@@ -1248,10 +1245,7 @@ def _cbam_spec(attn: nn.Module) -> tuple[tuple[Any, ...] | None, tuple[torch.Ten
         bn_scale,
         bn_shift,
     )
-    sources = [w1, b1, w2, b2, conv.weight, conv.bias, *cg.parameters()]
-    if norm is not None:
-        sources += [norm.running_mean, norm.running_var, norm.weight, norm.bias]
-    return (rd, args), tuple(t for t in sources if t is not None)
+    return rd, args
 
 
 def _native_cbam_tail(
