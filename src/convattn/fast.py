@@ -1067,7 +1067,9 @@ def _cached_spec(
     modules = tuple(attn.modules())
     if _any_hooks(*modules[1:]):
         return None
-    tensors = (*attn.parameters(), *attn.buffers())
+    tensors = tuple(
+        t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+    )
     if any(t.is_inference() for t in tensors):  # no version counter: build every time
         return build(attn)
     state = tuple((t.data_ptr(), t._version) for t in tensors)
