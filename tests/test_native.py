@@ -290,6 +290,7 @@ def test_without_a_compiler_the_library_warns_once_and_falls_back(
 
 
 def test_environment_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_native, "_loaded", None)  # as in a new process
     monkeypatch.setenv("CONVATTN_NATIVE", "0")
     assert _native.library() is None
     monkeypatch.setenv("CONVATTN_NATIVE", "1")

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convattn import _native as _kernels
 from convattn.layers._helpers import eager_mode, mean_amax_backward
 from convattn.layers.cbam import CBAM
 from convattn.layers.channel import ChannelAttention
@@ -885,7 +886,7 @@ def _native_gc_tail(
     ``gc_eval_tail``, with the eval-mode BatchNorm folded as in :func:`_gc_folded_tail` (GC
     as :func:`_gc_spec` describes it); float32 contiguous CPU maps. None otherwise."""
     if not (
-        y.device.type == "cpu"
+        y.is_cpu
         and y.dtype == torch.float32
         and identity.dtype == torch.float32
         and y.dim() == 4
@@ -894,16 +895,14 @@ def _native_gc_tail(
         and identity.shape == y.shape
     ):
         return None
-    spec = _cached_spec(attn, _gc_spec)
-    if spec is None:
+    cached = _cached_spec(attn, _gc_spec)
+    if cached is None or cached[0] is None:
         return None
-    mask, rd, args = spec
+    mask, rd, args = cached[0]
     fold = _eval_bn_fold(bn, attn, mask.weight)
     if fold is None or not _float32_weights(fold.scale, fold.shift, fold.folded):
         return None
-    from convattn import _native as native_module
-
-    lib = native_module.library()
+    lib = _kernels.library()
     if lib is None:
         return None
     attn._check_input(y)
@@ -1056,24 +1055,46 @@ def _native_excitation(attn: ChannelAttention, pool: str = "avg") -> dict[str, A
 _SPEC_KEY = "_convattn_native_spec"
 
 
+def _module_tree(module: nn.Module) -> tuple[nn.Module, ...]:
+    """``module`` and all its submodules (``tuple(module.modules())`` without the names)."""
+    found = [module]
+    i = 0
+    while i < len(found):
+        found.extend(m for m in found[i]._modules.values() if m is not None)
+        i += 1
+    return tuple(found)
+
+
 def _cached_spec(
-    attn: nn.Module, build: Callable[[nn.Module], tuple[Any, ...] | None]
-) -> tuple[Any, ...] | None:
-    """``build(attn)``'s kernel arguments (or None: no kernel applies), kept on ``attn``
-    while its submodules, parameters and buffers are the same objects with the same storage
-    and version (an in-place update, a reassigned ``.data`` or a new parameter builds anew);
-    at batch 1 the checks behind them cost about as much as the kernel. Hooks are looked for
-    on every call."""
-    modules = tuple(attn.modules())
+    attn: nn.Module,
+    build: Callable[[nn.Module], tuple[Any, ...] | None],
+    bn: nn.Module | None = None,
+) -> tuple[tuple[Any, ...] | None, torch.Tensor | None, torch.Tensor | None] | None:
+    """``(build(attn), scale, shift)``: the kernel arguments for ``attn`` (None: no kernel
+    applies) and, with ``bn``, that eval-mode BatchNorm's per-channel ``scale`` and ``shift``
+    (``bn(y) = y * scale + shift``); None when a hook is registered on any of them or ``bn``
+    is not an unhooked eval-mode ``nn.BatchNorm2d`` with running statistics. Kept on
+    ``attn`` while the submodules (and ``bn``), their parameters and buffers are the same
+    objects with the same storage and version (an in-place update, a reassigned ``.data`` or
+    a new parameter builds anew): at batch 1 inside a network, where every Python object
+    is cold, the checks behind the arguments cost as much as the kernel."""
+    modules = _module_tree(attn)
     if _any_hooks(*modules[1:]):
         return None
+    key = _SPEC_KEY
+    extra: tuple[float, ...] = ()
+    if bn is not None:
+        if not _is_eval_batch_norm(bn) or _has_hooks(bn):
+            return None
+        modules += (bn,)
+        key, extra = _SPEC_KEY + "_bn", (bn.eps,)
     tensors = tuple(
         t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
     )
     if any(t.is_inference() for t in tensors):  # no version counter: build every time
-        return build(attn)
-    state = tuple((t.data_ptr(), t._version) for t in tensors)
-    entry = attn.__dict__.get(_SPEC_KEY)
+        return _build_spec(attn, build, bn)
+    state = (*((t.data_ptr(), t._version) for t in tensors), *extra)
+    entry = attn.__dict__.get(key)
     if (
         entry is not None
         and entry[0] == modules  # (modules compare by identity)
@@ -1081,11 +1102,25 @@ def _cached_spec(
         and all(a is b for a, b in zip(entry[1], tensors, strict=True))
         and entry[2] == state
     ):
-        spec: tuple[Any, ...] | None = entry[3]
-        return spec
+        cached: tuple[tuple[Any, ...] | None, torch.Tensor | None, torch.Tensor | None] = entry[3]
+        return cached
+    result = _build_spec(attn, build, bn)
+    attn.__dict__[key] = (modules, tensors, state, result)
+    return result
+
+
+def _build_spec(
+    attn: nn.Module, build: Callable[[nn.Module], tuple[Any, ...] | None], bn: nn.Module | None
+) -> tuple[tuple[Any, ...] | None, torch.Tensor | None, torch.Tensor | None]:
     spec = build(attn)
-    attn.__dict__[_SPEC_KEY] = (modules, tensors, state, spec)
-    return spec
+    if spec is None or bn is None:
+        return spec, None, None
+    assert isinstance(bn, nn.BatchNorm2d)  # (checked by the caller)
+    with torch.no_grad():
+        fold = _EvalBNFold(bn, None)
+    if not _float32_weights(fold.scale, fold.shift):
+        return None, None, None
+    return spec, fold.scale, fold.shift
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -1094,8 +1129,8 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 def _channel_spec(attn: nn.Module) -> tuple[Any, ...] | None:
     """``channel_eval_tail``'s arguments for ``attn`` (SE / ECA-style channel attention or
-    scSE): ``(rd, has_sse, args)`` with ``args`` from ``excitation`` to ``fusion``; None
-    where the kernel does not know the layers."""
+    scSE): ``(rd, has_sse, channels, args)`` with ``args`` from ``excitation`` to
+    ``fusion``; None where the kernel does not know the layers."""
     sse: SpatialSE | None = None
     sse_w: torch.Tensor | None = None
     sse_b: torch.Tensor | None = None
@@ -1135,7 +1170,7 @@ def _channel_spec(attn: nn.Module) -> tuple[Any, ...] | None:
         0.0 if sse_b is None else float(sse_b),
         0 if fusion == "max" else 1,
     )
-    return rd, sse is not None, args
+    return rd, sse is not None, channel.channels, args
 
 
 def _native_channel_tail(
@@ -1151,7 +1186,7 @@ def _native_channel_tail(
     ``nn.BatchNorm2d``), ``out`` is its input and ``relu(attn(bn(out)) + identity)`` is
     computed with the BatchNorm folded into the kernel."""
     if not (
-        out.device.type == "cpu"
+        out.is_cpu
         and out.dtype == torch.float32
         and identity.dtype == torch.float32
         and out.dim() >= 3
@@ -1159,30 +1194,28 @@ def _native_channel_tail(
         and identity.is_contiguous()
     ):
         return None
-    spec = _cached_spec(attn, _channel_spec)
+    cached = _cached_spec(attn, _channel_spec, bn)
+    if cached is None:
+        return None
+    spec, scale, shift = cached
     if spec is None:
         return None
-    rd, has_sse, args = spec
-    fold = None
-    if bn is not None:
-        fold = _eval_bn_fold(bn, attn)
-        if fold is None or not _float32_weights(fold.scale, fold.shift):
-            return None
-    from convattn import _native as native_module
-
-    lib = native_module.library()
+    rd, has_sse, channels, args = spec
+    if out.shape[1] != channels:
+        return None  # (the module's own path raises its error)
+    lib = _kernels.library()
     if lib is None:
         return None
     n, c = out.shape[:2]
-    p = out[0, 0].numel()
+    p = math.prod(out.shape[2:])
     threads = torch.get_num_threads()
     work = torch.empty(2 * n * c + n * rd + ((threads + 1) * n * p if has_sse else 0))
     result = out if owned else torch.empty_like(out)
     lib.channel_eval_tail(
         out.data_ptr(),
         identity.data_ptr(),
-        _ptr(None if fold is None else fold.scale),
-        _ptr(None if fold is None else fold.shift),
+        _ptr(scale),
+        _ptr(shift),
         n,
         c,
         p,
@@ -1247,7 +1280,7 @@ def _cbam_spec(attn: nn.Module) -> tuple[Any, ...] | None:
         bn_scale,
         bn_shift,
     )
-    return rd, args
+    return rd, attn.channels, args
 
 
 def _native_cbam_tail(
@@ -1263,7 +1296,7 @@ def _native_cbam_tail(
     to one map, an eval-mode BatchNorm or none; one gate kind for both); None otherwise.
     With ``bn``, as :func:`_native_channel_tail`: the block's BatchNorm folded in."""
     if not (
-        out.device.type == "cpu"
+        out.is_cpu
         and out.dtype == torch.float32
         and identity.dtype == torch.float32
         and out.dim() == 4
@@ -1274,18 +1307,16 @@ def _native_cbam_tail(
     norm = attn.spatial_gate.bn
     if norm is not None and norm.training:  # (the cached spec holds its running statistics)
         return None
-    spec = _cached_spec(attn, _cbam_spec)
+    cached = _cached_spec(attn, _cbam_spec, bn)
+    if cached is None:
+        return None
+    spec, scale, shift = cached
     if spec is None:
         return None
-    rd, args = spec
-    fold = None
-    if bn is not None:
-        fold = _eval_bn_fold(bn, attn)
-        if fold is None or not _float32_weights(fold.scale, fold.shift):
-            return None
-    from convattn import _native as native_module
-
-    lib = native_module.library()
+    rd, channels, args = spec
+    if out.shape[1] != channels:
+        return None  # (the module's own path raises its error)
+    lib = _kernels.library()
     if lib is None:
         return None
     n, c, h, w = out.shape
@@ -1294,8 +1325,8 @@ def _native_cbam_tail(
     lib.cbam_eval_tail(
         out.data_ptr(),
         identity.data_ptr(),
-        _ptr(None if fold is None else fold.scale),
-        _ptr(None if fold is None else fold.shift),
+        _ptr(scale),
+        _ptr(shift),
         n,
         c,
         h,
@@ -1313,12 +1344,11 @@ def _native_folded_tail(
 ) -> torch.Tensor | None:
     """``relu(attn(bn(y)) + identity)`` for an eval-mode BatchNorm ``bn`` folded into the
     native kernel of SE / ECA / scSE or CBAM (see :func:`_native_channel_tail`); None where
-    no kernel applies. The result is a new tensor (``y`` may be held by a hook)."""
+    no kernel applies (a map of the wrong size among them: the module's own path then says
+    what it expected). The result is a new tensor (``y`` may be held by a hook)."""
     if isinstance(attn, (ChannelAttention, ChannelSpatialSE)):
-        attn._check_input(y)
         return _native_channel_tail(attn, y, identity, False, bn)
-    if isinstance(attn, CBAM) and not _any_hooks(attn.channel_gate, attn.spatial_gate):
-        attn._check_input(y)
+    if isinstance(attn, CBAM):
         return _native_cbam_tail(attn, y, identity, False, bn)
     return None
 
@@ -1730,9 +1760,7 @@ def _native_library(c: torch.Tensor, identity: torch.Tensor, bn: nn.BatchNorm2d)
         and all(t is None or t.dtype == torch.float32 for t in (bn.weight, bn.bias))
     ):
         return None
-    from convattn import _native
-
-    return _native.library()
+    return _kernels.library()
 
 
 def _train_cbam_tail(

@@ -177,13 +177,16 @@ _failed = False
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, building them on first use; None when ``CONVATTN_NATIVE=0`` or they
-    cannot be built or loaded (a warning says why, once per process)."""
+    """The loaded kernels, building them on first use; None when ``CONVATTN_NATIVE=0`` is set
+    before that first use or they cannot be built or loaded (a warning says why, once per
+    process). Once loaded they stay (the check is one global read: it runs per block)."""
     global _loaded, _failed
+    if _loaded is not None:
+        return _loaded
     if os.environ.get("CONVATTN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if _loaded is not None or _failed:
-        return _loaded
+    if _failed:
+        return None
     with _lock:
         if _loaded is not None or _failed:
             return _loaded
