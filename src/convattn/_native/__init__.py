@@ -28,6 +28,7 @@ from typing import Any
 __all__ = ["NativeBuildError", "build", "cache_dir", "library"]
 
 SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 # -ffp-contract=off: x * s + b must round as in eager PyTorch (a multiply, then an add), so
 # that a value recomputed in backward equals the maximum the forward pass found.
 FLAGS = [
@@ -121,7 +122,8 @@ def _library_path(compiler: str) -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
-    parts = [*(source.read_bytes() for source in SOURCES), " ".join(FLAGS + LIBS).encode()]
+    files = (*SOURCES, *HEADERS)
+    parts = [*(f.read_bytes() for f in files), " ".join(FLAGS + LIBS).encode()]
     for part in (*parts, version.encode()):
         key.update(part)
         key.update(b"\0")

@@ -16,6 +16,8 @@
 #include <math.h>
 #include <omp.h>
 
+#include "kernels.h"
+
 #define BLOCK 256 /* positions per work item of the spatial pool */
 
 typedef struct {
@@ -31,21 +33,6 @@ typedef struct {
     float *z, *hidden, *cw, *desc, *sw; /* (2N, C), (N, R), (N, C), (N, 2, HW), (N, HW) */
     float *out;
 } cbam_eval_args;
-
-static inline float gate_of(float t, int kind) {
-    if (kind == 1) {
-        float v = t / 6.0f + 0.5f;
-        return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
-    }
-    return 1.0f / (1.0f + expf(-t));
-}
-
-static float dot_product(const float *restrict a, const float *restrict b, long n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (long i = 0; i < n; i++) acc += a[i] * b[i];
-    return acc;
-}
 
 static void cbam_eval_run(const cbam_eval_args *a) {
     long N = a->N, C = a->C, H = a->H, W = a->W, P = H * W, rows = N * C, R = a->R;
@@ -88,7 +75,7 @@ static void cbam_eval_run(const cbam_eval_args *a) {
         for (long n = 0; n < N; n++) {
             float bias = a->b2 ? a->b2[c] : 0.0f;
             float t = dot_product(a->w2 + c * R, a->hidden + n * R, R) + (bias + bias);
-            a->cw[n * C + c] = gate_of(t, a->gate);
+            a->cw[n * C + c] = gate_value(t, a->gate);
         }
     /* spatial descriptor of x1 = x * cw, a block of positions of one image at a time (at
        least as many blocks as threads) */
@@ -144,7 +131,7 @@ static void cbam_eval_run(const cbam_eval_args *a) {
                     for (long w = lo; w < hi; w++) row[w] += k * in[w + shift];
                 }
             }
-        for (long w = 0; w < W; w++) row[w] = gate_of(row[w] * a->bn_scale + a->bn_shift, a->gate);
+        for (long w = 0; w < W; w++) row[w] = gate_value(row[w] * a->bn_scale + a->bn_shift, a->gate);
     }
     /* out = relu(x1 * sw + identity) */
 #pragma omp for schedule(static)

@@ -18,7 +18,9 @@
 
 #include <math.h>
 #include <omp.h>
-#include <stdlib.h>
+#include <stddef.h>
+
+#include "kernels.h"
 
 typedef struct {
     const float *x, *identity;
@@ -39,21 +41,6 @@ typedef struct {
     float *s_part, *s;         /* (T, N, P), (N, P) */
     float *out;
 } tail_args;
-
-static inline float gate_fn(float t, int kind) {
-    if (kind == 1) {
-        float v = t / 6.0f + 0.5f;
-        return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
-    }
-    return 1.0f / (1.0f + expf(-t));
-}
-
-static float dot(const float *restrict a, const float *restrict b, long n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (long i = 0; i < n; i++) acc += a[i] * b[i];
-    return acc;
-}
 
 static void run(const tail_args *a) {
     long N = a->N, C = a->C, P = a->P, rows = N * C;
@@ -82,14 +69,14 @@ static void run(const tail_args *a) {
 #pragma omp for schedule(static)
         for (long j = 0; j < a->R; j++)
             for (long n = 0; n < N; n++) {
-                float t = dot(a->w1 + j * C, a->z + n * C, C) + (a->b1 ? a->b1[j] : 0.0f);
+                float t = dot_product(a->w1 + j * C, a->z + n * C, C) + (a->b1 ? a->b1[j] : 0.0f);
                 a->hidden[n * a->R + j] = t > 0.0f ? t : 0.0f;
             }
 #pragma omp for schedule(static)
         for (long c = 0; c < C; c++)
             for (long n = 0; n < N; n++) {
-                float t = dot(a->w2 + c * a->R, a->hidden + n * a->R, a->R);
-                a->g[n * C + c] = gate_fn(t + (a->b2 ? a->b2[c] : 0.0f), a->gate);
+                float t = dot_product(a->w2 + c * a->R, a->hidden + n * a->R, a->R);
+                a->g[n * C + c] = gate_value(t + (a->b2 ? a->b2[c] : 0.0f), a->gate);
             }
     } else {
         long pad = (a->K - 1) / 2;
@@ -101,7 +88,7 @@ static void run(const tail_args *a) {
                 long src = c + i - pad;
                 if (src >= 0 && src < C) t += a->kernel[i] * a->z[n * C + src];
             }
-            a->g[r] = gate_fn(t + a->kernel_bias, a->gate);
+            a->g[r] = gate_value(t + a->kernel_bias, a->gate);
         }
     }
     /* sSE's gate: the partial projections summed */

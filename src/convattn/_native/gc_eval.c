@@ -16,6 +16,8 @@
 #include <math.h>
 #include <omp.h>
 
+#include "kernels.h"
+
 #define BLOCK 256
 
 typedef struct {
@@ -30,13 +32,6 @@ typedef struct {
     float *scores, *ctx, *hidden, *t; /* (N, P), (N, C), (N, R), (N, C) */
     float *out;
 } gc_args;
-
-static float gc_dot(const float *restrict u, const float *restrict v, long n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (long i = 0; i < n; i++) acc += u[i] * v[i];
-    return acc;
-}
 
 static void gc_run(const gc_args *g) {
     long N = g->N, C = g->C, P = g->P, R = g->R, rows = N * C;
@@ -78,13 +73,13 @@ static void gc_run(const gc_args *g) {
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
         long n = r / C, c = r % C;
-        g->ctx[r] = g->a[c] * gc_dot(g->y + r * P, g->scores + n * P, P) + g->b[c];
+        g->ctx[r] = g->a[c] * dot_product(g->y + r * P, g->scores + n * P, P) + g->b[c];
     }
     /* transform: first layer */
 #pragma omp for schedule(static)
     for (long j = 0; j < R; j++)
         for (long n = 0; n < N; n++)
-            g->hidden[n * R + j] = gc_dot(g->w1 + j * C, g->ctx + n * C, C) + (g->b1 ? g->b1[j] : 0.0f);
+            g->hidden[n * R + j] = dot_product(g->w1 + j * C, g->ctx + n * C, C) + (g->b1 ? g->b1[j] : 0.0f);
     /* LayerNorm over the R channels, then ReLU */
 #pragma omp for schedule(static)
     for (long n = 0; n < N; n++) {
@@ -106,7 +101,7 @@ static void gc_run(const gc_args *g) {
 #pragma omp for schedule(static)
     for (long c = 0; c < C; c++)
         for (long n = 0; n < N; n++)
-            g->t[n * C + c] = gc_dot(g->w2 + c * R, g->hidden + n * R, R) + (g->b2 ? g->b2[c] : 0.0f);
+            g->t[n * C + c] = dot_product(g->w2 + c * R, g->hidden + n * R, R) + (g->b2 ? g->b2[c] : 0.0f);
     /* out = relu(a * y + (b + t) + identity) */
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
