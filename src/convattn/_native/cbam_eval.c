@@ -18,8 +18,6 @@
 
 #include "kernels.h"
 
-#define BLOCK 256 /* positions per work item of the spatial pool */
-
 typedef struct {
     const float *x, *identity;
     const float *bn_a, *bn_b; /* (C) each, or NULL */
@@ -79,15 +77,13 @@ static void cbam_eval_run(const cbam_eval_args *a) {
         }
     /* spatial descriptor of x1 = x * cw, a block of positions of one image at a time (at
        least as many blocks as threads) */
-    long threads = omp_get_num_threads();
-    long block = (P + threads - 1) / threads;
-    block = block < BLOCK ? block : BLOCK;
+    long block = position_block(P, omp_get_num_threads());
     long blocks = (P + block - 1) / block;
 #pragma omp for schedule(static)
     for (long item = 0; item < N * blocks; item++) {
         long n = item / blocks, p0 = (item % blocks) * block;
         long len = P - p0 < block ? P - p0 : block;
-        float hi[BLOCK], sum[BLOCK];
+        float hi[POSITION_BLOCK], sum[POSITION_BLOCK];
         for (long i = 0; i < len; i++) {
             hi[i] = -INFINITY;
             sum[i] = 0.0f;

@@ -18,8 +18,6 @@
 
 #include "kernels.h"
 
-#define BLOCK 256
-
 typedef struct {
     const float *y, *identity;
     long N, C, P;
@@ -35,16 +33,14 @@ typedef struct {
 
 static void gc_run(const gc_args *g) {
     long N = g->N, C = g->C, P = g->P, R = g->R, rows = N * C;
-    long threads = omp_get_num_threads();
-    long block = (P + threads - 1) / threads;
-    block = block < BLOCK ? block : BLOCK;
+    long block = position_block(P, omp_get_num_threads());
     long blocks = (P + block - 1) / block;
     /* scores of every position, a block of positions of one image at a time */
 #pragma omp for schedule(static)
     for (long item = 0; item < N * blocks; item++) {
         long n = item / blocks, p0 = (item % blocks) * block;
         long len = P - p0 < block ? P - p0 : block;
-        float acc[BLOCK];
+        float acc[POSITION_BLOCK];
         for (long i = 0; i < len; i++) acc[i] = 0.0f;
         for (long c = 0; c < C; c++) {
             const float *restrict v = g->y + (n * C + c) * P + p0;
