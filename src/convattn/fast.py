@@ -803,9 +803,7 @@ class _EvalBNFold:
         return self._repeats[n]
 
 
-def _eval_bn_fold(
-    bn: nn.Module, owner: nn.Module, extra: torch.Tensor | None = None
-) -> _EvalBNFold | None:
+def _eval_bn_fold(bn: nn.Module, owner: nn.Module, extra: torch.Tensor) -> _EvalBNFold | None:
     """The :class:`_EvalBNFold` of an eval-mode ``nn.BatchNorm2d`` with running statistics
     (None for anything else), kept on ``owner`` while none of the tensors it comes from changes
     (same objects, same versions): at batch 1 its half-dozen small operations cost about 1 %
@@ -1173,6 +1171,36 @@ def _channel_spec(attn: nn.Module) -> tuple[Any, ...] | None:
     return rd, sse is not None, channel.channels, args
 
 
+def _eval_kernel(
+    kernel: Any,
+    out: torch.Tensor,
+    identity: torch.Tensor,
+    owned: bool,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    dims: tuple[int, ...],
+    args: tuple[Any, ...],
+    work: int,
+) -> torch.Tensor:
+    """Call an inference-tail kernel (``channel_eval_tail`` or ``cbam_eval_tail``) laid out
+    as ``(map, identity, bn scale, bn shift, *dims, *args, work, result, threads)``, with a
+    float workspace of ``work`` elements; the result goes into ``out`` when ``owned``."""
+    workspace = torch.empty(work)
+    result = out if owned else torch.empty_like(out)
+    kernel(
+        out.data_ptr(),
+        identity.data_ptr(),
+        _ptr(scale),
+        _ptr(shift),
+        *dims,
+        *args,
+        workspace.data_ptr(),
+        result.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return result
+
+
 def _native_channel_tail(
     attn: nn.Module,
     out: torch.Tensor,
@@ -1209,22 +1237,9 @@ def _native_channel_tail(
     n, c = out.shape[:2]
     p = math.prod(out.shape[2:])
     threads = torch.get_num_threads()
-    work = torch.empty(2 * n * c + n * rd + ((threads + 1) * n * p if has_sse else 0))
-    result = out if owned else torch.empty_like(out)
-    lib.channel_eval_tail(
-        out.data_ptr(),
-        identity.data_ptr(),
-        _ptr(scale),
-        _ptr(shift),
-        n,
-        c,
-        p,
-        *args,
-        work.data_ptr(),
-        result.data_ptr(),
-        threads,
-    )
-    return result
+    work = 2 * n * c + n * rd + ((threads + 1) * n * p if has_sse else 0)
+    dims = (n, c, p)
+    return _eval_kernel(lib.channel_eval_tail, out, identity, owned, scale, shift, dims, args, work)
 
 
 def _cbam_spec(attn: nn.Module) -> tuple[Any, ...] | None:
@@ -1320,23 +1335,9 @@ def _native_cbam_tail(
     if lib is None:
         return None
     n, c, h, w = out.shape
-    work = torch.empty(3 * n * c + 2 * n * rd + 3 * n * h * w)
-    result = out if owned else torch.empty_like(out)
-    lib.cbam_eval_tail(
-        out.data_ptr(),
-        identity.data_ptr(),
-        _ptr(scale),
-        _ptr(shift),
-        n,
-        c,
-        h,
-        w,
-        *args,
-        work.data_ptr(),
-        result.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return result
+    work = 3 * n * c + 2 * n * rd + 3 * n * h * w
+    dims = (n, c, h, w)
+    return _eval_kernel(lib.cbam_eval_tail, out, identity, owned, scale, shift, dims, args, work)
 
 
 def _native_folded_tail(
@@ -1473,18 +1474,25 @@ class _BatchMeanVar(torch.autograd.Function):
         return _scale_shift(c, slope, shift - slope * mean)
 
 
+def _update_running_stats(
+    bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int
+) -> None:
+    """One training step's update of ``bn``'s running statistics from the batch ``mean`` and
+    biased ``var`` over ``count`` values per channel, as ``nn.BatchNorm2d`` makes it."""
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        factor = _bn_momentum(bn)
+        with torch.no_grad():
+            unbiased = var * (count / max(count - 1, 1))
+            bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+
+
 def _bn_train_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable per-channel ``scale, shift`` of a training-mode BatchNorm on ``c``
     (batch statistics), updating the running statistics as ``nn.BatchNorm2d`` does."""
     mean, var = _BatchMeanVar.apply(c)
     mean, var = mean.view(-1), var.view(-1)
-    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
-        factor = _bn_momentum(bn)
-        count = c.numel() // c.shape[1]
-        with torch.no_grad():
-            unbiased = var * (count / max(count - 1, 1))
-            bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-            bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+    _update_running_stats(bn, mean, var, c.numel() // c.shape[1])
     scale, shift = _bn_affine(bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps))
     return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
@@ -1515,12 +1523,7 @@ def _native_batch_norm(
     threads = torch.get_num_threads()
     _native(lib.cbam_row_stats, c, n, ch, h * w, mean64, var64, *rows, work, threads)
     mean, var = mean64.float(), var64.float()
-    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
-        factor = _bn_momentum(bn)
-        count = n * h * w
-        unbiased = var * (count / max(count - 1, 1))
-        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-        bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+    _update_running_stats(bn, mean, var, n * h * w)
     invstd = torch.rsqrt(var + bn.eps)
     weight = None if weight is None else weight.detach()
     bias = None if bias is None else bias.detach()
