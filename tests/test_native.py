@@ -675,6 +675,128 @@ def test_native_eval_arguments_follow_parameter_changes(name: str) -> None:
     check()
 
 
+def _folded_reference(
+    attn: nn.Module, bn: nn.BatchNorm2d, y: torch.Tensor, identity: torch.Tensor
+) -> torch.Tensor:
+    ref_attn, ref_bn = copy.deepcopy(attn).double(), copy.deepcopy(bn).double()
+    x = ref_bn(y.double())
+    if isinstance(attn, CBAM):
+        return _cbam_eval_reference(ref_attn, x, identity.double())
+    return _eval_tail_reference(ref_attn, x, identity.double())
+
+
+@requires_native
+@pytest.mark.parametrize("name", ["se", "eca", "scse", "cbam"])
+def test_native_plans_follow_the_blocks_batchnorm(name: str) -> None:
+    """The plan reads the block's BatchNorm at every call and is rebuilt when it is another
+    BatchNorm, another eps, another mode, new storage or a hook."""
+    torch.manual_seed(3)
+    attn = create(name, channels=16).eval()
+    bn = nn.BatchNorm2d(16).eval()
+    y, identity = torch.randn(2, 16, 5, 6), torch.randn(2, 16, 5, 6)
+
+    def check(norm: nn.BatchNorm2d) -> None:
+        with torch.no_grad():
+            got = _native_folded_tail(attn, norm, y, identity)
+            assert got is not None
+            want = _folded_reference(attn, norm, y, identity)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+    check(bn)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)  # in place: read at the call
+        bn.running_mean.uniform_(-1, 1)
+        bn.weight.uniform_(-2, 2)
+    check(bn)
+    bn.eps = 0.5
+    check(bn)
+    bn.running_mean = torch.randn(16) * 0.1  # a new buffer object
+    check(bn)
+    bn.weight.data = torch.randn(16)  # new storage
+    check(bn)
+    other = nn.BatchNorm2d(16).eval()
+    with torch.no_grad():
+        other.bias.fill_(0.75)
+    check(other)  # another BatchNorm: not the first one's plan
+    check(bn)
+    bn.train()
+    assert _native_folded_tail(attn, bn, y, identity) is None
+    bn.eval()
+    handle = bn.register_forward_hook(lambda *args: None)
+    assert _native_folded_tail(attn, bn, y, identity) is None
+    handle.remove()
+    check(bn)
+    bn.double()  # float64 storage: not the kernels'
+    assert _native_folded_tail(attn, bn, y, identity) is None
+    bn.float()
+    check(bn)
+
+
+@requires_native
+def test_native_plans_are_not_copied_with_the_model(tmp_path: Path) -> None:
+    """A model that ran on the kernels deep-copies and pickles; each copy builds its own plan
+    (the pointers of the original's tensors are not carried over)."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", attention="se").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(x)
+    twin = copy.deepcopy(model)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    del model
+    for other in (twin, loaded):
+        with torch.no_grad():
+            other.layer1[0].attn.fc1.weight.add_(0.5)
+        with torch.inference_mode():
+            got = other(x)
+        assert not torch.allclose(got, want)  # its own weights, not the dead original's
+        with torch.no_grad():
+            other.layer1[0].attn.fc1.weight.sub_(0.5)
+        with torch.inference_mode():
+            torch.testing.assert_close(other(x), want)
+
+
+@requires_native
+@pytest.mark.parametrize("attention", ["se", "cbam", "gc"])
+def test_native_tails_overwrite_only_maps_nobody_holds(attention: str) -> None:
+    """Without hooks the tail writes into the last convolution's output; a forward hook that
+    keeps that output sees it untouched."""
+    torch.manual_seed(0)
+    model = create_model("resnet50", attention=attention).eval()
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        kept.append((out, out.clone()))
+
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(x)
+        handle = model.layer2[1].conv3.register_forward_hook(keep)
+        got = model(x)
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ((held, at_the_hook),) = kept
+    torch.testing.assert_close(held, at_the_hook, rtol=0, atol=0)
+
+
+@requires_native
+def test_native_plans_work_for_inference_tensors() -> None:
+    """Parameters made under inference_mode (no version counter) keep their plan."""
+    with torch.inference_mode():
+        attn = create("se", channels=16).eval()
+        bn = nn.BatchNorm2d(16).eval()
+        y, identity = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
+        first = _native_folded_tail(attn, bn, y, identity)
+        plan = attn.__dict__["_convattn_plan_bn"]
+        second = _native_folded_tail(attn, bn, y, identity)
+        assert attn.__dict__["_convattn_plan_bn"] is plan
+        assert first is not None and second is not None
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        torch.testing.assert_close(first.double(), _folded_reference(attn, bn, y, identity))
+
+
 def test_optimize_switches_the_native_kernels() -> None:
     from convattn.fast import optimize
     from convattn.models.resnet import _Block

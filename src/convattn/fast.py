@@ -49,6 +49,8 @@ fast paths on or off, converts to channels_last and wraps in ``torch.compile`` o
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -831,98 +833,6 @@ def _eval_bn_fold(bn: nn.Module, owner: nn.Module, extra: torch.Tensor) -> _Eval
     return fold
 
 
-def _gc_spec(attn: nn.Module) -> tuple[Any, ...] | None:
-    """``gc_eval_tail``'s transform arguments (from the first 1x1 convolution's weight to the
-    second's bias) with the mask convolution first and the hidden width; None unless GC has
-    add fusion, the standard softmax context through
-    a plain 1x1 mask convolution and the standard transform (1x1 convolution, LayerNorm over
-    ``(C/r, 1, 1)``, ReLU, 1x1 convolution)."""
-    assert isinstance(attn, GlobalContext)
-    transform = attn.channel_add_conv
-    if not (
-        attn.fusion_types == ("add",)
-        and type(transform) is nn.Sequential
-        and len(transform) == 4
-        and _gc_standard_context(attn)
-    ):
-        return None
-    conv1, norm, act, conv2 = list(transform)
-    mask = attn.conv_mask
-    if not (
-        isinstance(conv1, nn.Conv2d)
-        and isinstance(conv2, nn.Conv2d)
-        and isinstance(norm, nn.LayerNorm)
-        and isinstance(mask, nn.Conv2d)
-    ):
-        return None
-    weights = []
-    for conv in (conv1, conv2):
-        if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1):
-            return None
-        weights.append(conv.weight.flatten(1))
-    if (
-        not (_is_plain_conv_to_one(mask) and mask.kernel_size == (1, 1))
-        or type(norm) is not nn.LayerNorm
-        or norm.normalized_shape != (attn.rd_channels, 1, 1)
-        or type(act) is not nn.ReLU
-        or not _float32_weights(*weights, conv1.bias, conv2.bias, norm.weight, norm.bias)
-    ):
-        return None
-    args = (
-        *(_ptr(t) for t in (weights[0], conv1.bias, norm.weight, norm.bias)),
-        float(norm.eps),
-        *(_ptr(t) for t in (weights[1], conv2.bias)),
-        attn.rd_channels,
-    )
-    return mask, attn.rd_channels, args
-
-
-def _native_gc_tail(
-    attn: GlobalContext, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor
-) -> torch.Tensor | None:
-    """``relu(GC(bn(y)) + identity)`` in one call of :mod:`convattn._native`'s
-    ``gc_eval_tail``, with the eval-mode BatchNorm folded as in :func:`_gc_folded_tail` (GC
-    as :func:`_gc_spec` describes it); float32 contiguous CPU maps. None otherwise."""
-    if not (
-        y.is_cpu
-        and y.dtype == torch.float32
-        and identity.dtype == torch.float32
-        and y.dim() == 4
-        and y.is_contiguous()
-        and identity.is_contiguous()
-        and identity.shape == y.shape
-    ):
-        return None
-    cached = _cached_spec(attn, _gc_spec)
-    if cached is None or cached[0] is None:
-        return None
-    mask, rd, args = cached[0]
-    fold = _eval_bn_fold(bn, attn, mask.weight)
-    if fold is None or not _float32_weights(fold.scale, fold.shift, fold.folded):
-        return None
-    lib = _kernels.library()
-    if lib is None:
-        return None
-    attn._check_input(y)
-    n, c, h, w = y.shape
-    p = h * w
-    work = torch.empty(n * p + 2 * n * c + n * rd)
-    out = torch.empty_like(y)
-    lib.gc_eval_tail(
-        y.data_ptr(),
-        identity.data_ptr(),
-        n,
-        c,
-        p,
-        *(_ptr(t) for t in (fold.scale, fold.shift, fold.folded)),
-        *args,
-        work.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out
-
-
 def _gc_folded_tail(
     attn: GlobalContext, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor
 ) -> torch.Tensor | None:
@@ -1024,7 +934,7 @@ def _native_excitation(attn: ChannelAttention, pool: str = "avg") -> dict[str, A
         return {
             "excitation": 0,
             "mlp": (weights[0], fc1.bias, weights[1], fc2.bias, weights[0].shape[0]),
-            "conv": (None, 0, 0.0),
+            "conv": (None, 0, None),
             "gate": gate,
         }
     conv = attn.conv
@@ -1041,95 +951,249 @@ def _native_excitation(attn: ChannelAttention, pool: str = "avg") -> dict[str, A
         or not _float32_weights(conv.weight, conv.bias)
     ):
         return None
-    bias = 0.0 if conv.bias is None else float(conv.bias)
     return {
         "excitation": 1,
         "mlp": (None, None, None, None, 0),
-        "conv": (conv.weight, conv.kernel_size[0], bias),
+        "conv": (conv.weight, conv.kernel_size[0], conv.bias),
         "gate": gate,
     }
 
 
-_SPEC_KEY = "_convattn_native_spec"
+# Native inference tails. Each kernel takes a *plan*: a C struct of pointers to the layers' own
+# tensors (and their sizes and options), built once per module and kept on it, so that a call
+# passes only the maps. The kernels read the weights, and fold the BatchNorms, at every call:
+# in-place updates (an optimizer step, ``load_state_dict``) need no refresh. What the plan
+# depends on beyond those values is checked on every call, cheaply (at batch 1 inside a
+# network every Python object is cold, and a check of each tensor's version, pointer and
+# module's hooks cost as much as the kernel): the identity of every submodule, parameter,
+# buffer and hook of the modules (and every attribute of their norm layers, whose mode and
+# eps the kernels read), and the storage of every tensor.
+
+_PTR = ctypes.c_void_p
+_LONG = ctypes.c_long
 
 
-def _module_tree(module: nn.Module) -> tuple[nn.Module, ...]:
-    """``module`` and all its submodules (``tuple(module.modules())`` without the names)."""
-    found = [module]
-    i = 0
-    while i < len(found):
-        found.extend(m for m in found[i]._modules.values() if m is not None)
-        i += 1
-    return tuple(found)
+class _EvalNorm(ctypes.Structure):
+    """``eval_norm`` of ``_native/kernels.h``: an eval-mode BatchNorm (``mean`` NULL: none)."""
+
+    _fields_ = [
+        ("weight", _PTR),
+        ("bias", _PTR),
+        ("mean", _PTR),
+        ("var", _PTR),
+        ("eps", ctypes.c_double),
+    ]
 
 
-def _cached_spec(
-    attn: nn.Module,
-    build: Callable[[nn.Module], tuple[Any, ...] | None],
-    bn: nn.Module | None = None,
-) -> tuple[tuple[Any, ...] | None, torch.Tensor | None, torch.Tensor | None] | None:
-    """``(build(attn), scale, shift)``: the kernel arguments for ``attn`` (None: no kernel
-    applies) and, with ``bn``, that eval-mode BatchNorm's per-channel ``scale`` and ``shift``
-    (``bn(y) = y * scale + shift``); None when a hook is registered on any of them or ``bn``
-    is not an unhooked eval-mode ``nn.BatchNorm2d`` with running statistics. Kept on
-    ``attn`` while the submodules (and ``bn``), their parameters and buffers are the same
-    objects with the same storage and version (an in-place update, a reassigned ``.data`` or
-    a new parameter builds anew): at batch 1 inside a network, where every Python object
-    is cold, the checks behind the arguments cost as much as the kernel."""
-    modules = _module_tree(attn)
-    if _any_hooks(*modules[1:]):
+class _ChannelPlan(ctypes.Structure):
+    """``channel_plan`` of ``_native/channel_eval.c`` (SE, ECA, cSE, scSE)."""
+
+    _fields_ = [
+        ("bn", _EvalNorm),
+        ("C", _LONG),
+        ("excitation", _LONG),
+        ("w1", _PTR),
+        ("b1", _PTR),
+        ("w2", _PTR),
+        ("b2", _PTR),
+        ("R", _LONG),
+        ("kernel", _PTR),
+        ("kernel_bias", _PTR),
+        ("K", _LONG),
+        ("gate", _LONG),
+        ("sse_w", _PTR),
+        ("sse_b", _PTR),
+        ("fusion", _LONG),
+    ]
+
+
+class _CbamPlan(ctypes.Structure):
+    """``cbam_plan`` of ``_native/cbam_eval.c``."""
+
+    _fields_ = [
+        ("bn", _EvalNorm),
+        ("C", _LONG),
+        ("w1", _PTR),
+        ("b1", _PTR),
+        ("w2", _PTR),
+        ("b2", _PTR),
+        ("R", _LONG),
+        ("gate", _LONG),
+        ("kernel", _PTR),
+        ("conv_bias", _PTR),
+        ("KH", _LONG),
+        ("KW", _LONG),
+        ("PH", _LONG),
+        ("PW", _LONG),
+        ("spatial_bn", _EvalNorm),
+    ]
+
+
+class _GcPlan(ctypes.Structure):
+    """``gc_plan`` of ``_native/gc_eval.c``."""
+
+    _fields_ = [
+        ("bn", _EvalNorm),
+        ("C", _LONG),
+        ("mask", _PTR),
+        ("w1", _PTR),
+        ("b1", _PTR),
+        ("ln_w", _PTR),
+        ("ln_b", _PTR),
+        ("ln_eps", ctypes.c_double),
+        ("w2", _PTR),
+        ("b2", _PTR),
+        ("R", _LONG),
+    ]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _eval_norm(bn: nn.Module | None) -> _EvalNorm | None:
+    """The kernels' view of ``bn`` (no BatchNorm for None); None unless it is an unhooked
+    eval-mode ``nn.BatchNorm2d`` with running statistics and float32 CPU tensors."""
+    if bn is None:
+        return _EvalNorm()
+    if not _is_eval_batch_norm(bn) or _has_hooks(bn):
         return None
-    key = _SPEC_KEY
-    extra: tuple[float, ...] = ()
-    if bn is not None:
-        if not _is_eval_batch_norm(bn) or _has_hooks(bn):
-            return None
-        modules += (bn,)
-        key, extra = _SPEC_KEY + "_bn", (bn.eps,)
-    tensors = tuple(
-        t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+    if not _float32_weights(bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        return None
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return _EvalNorm(*(_ptr(t) for t in tensors), float(bn.eps))
+
+
+# the per-module dictionaries whose contents a plan depends on (backward hooks do not matter:
+# the inference tails run without autograd)
+_WATCHED = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks")
+_NORMS = (nn.BatchNorm2d, nn.LayerNorm)
+_data_ptr = torch.Tensor.data_ptr
+_chain = itertools.chain.from_iterable
+
+
+class _NativePlan:
+    """A native inference kernel's plan for one attention module (with the block's BatchNorm
+    ``bn`` folded in, or None) and what it was built from: the modules' watched dictionaries
+    with the identities of their values (held, so that no other object can take an identity)
+    and every tensor with its data pointer (its storage held, so that no other storage can
+    take the address). ``struct`` is None where no kernel applies. Not copied with the module
+    (a copy or an unpickled model builds its own)."""
+
+    __slots__ = (
+        "address",
+        "bn",
+        "dicts",
+        "held",
+        "ids",
+        "info",
+        "kernel",
+        "ptrs",
+        "storages",
+        "struct",
+        "tensors",
     )
-    if any(t.is_inference() for t in tensors):  # no version counter: build every time
-        return _build_spec(attn, build, bn)
-    state = (*((t.data_ptr(), t._version) for t in tensors), *extra)
-    entry = attn.__dict__.get(key)
-    if (
-        entry is not None
-        and entry[0] == modules  # (modules compare by identity)
-        and len(entry[1]) == len(tensors)
-        and all(a is b for a, b in zip(entry[1], tensors, strict=True))
-        and entry[2] == state
-    ):
-        cached: tuple[tuple[Any, ...] | None, torch.Tensor | None, torch.Tensor | None] = entry[3]
-        return cached
-    result = _build_spec(attn, build, bn)
-    attn.__dict__[key] = (modules, tensors, state, result)
-    return result
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        bn: nn.Module | None,
+        build: Callable[[nn.Module, _EvalNorm], tuple[ctypes.Structure, tuple[Any, ...]] | None],
+        kernel: str,
+    ) -> None:
+        modules = [attn]
+        i = 0
+        while i < len(modules):
+            modules.extend(m for m in modules[i]._modules.values() if m is not None)
+            i += 1
+        if bn is not None:
+            modules.append(bn)
+        self.bn = bn
+        self.dicts = (
+            *(m.__dict__ for m in modules if isinstance(m, _NORMS)),
+            *(m.__dict__[name] for m in modules for name in _WATCHED),
+        )
+        self.held = [*_chain(map(dict.values, self.dicts))]
+        self.ids = [*map(id, self.held)]
+        self.tensors = tuple(
+            t
+            for m in modules
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None
+        )
+        self.ptrs = [*map(_data_ptr, self.tensors)]
+        with torch.no_grad():
+            self.storages = tuple(t.detach() for t in self.tensors)
+        self.struct: ctypes.Structure | None = None
+        self.info: tuple[Any, ...] = ()
+        self.address = 0
+        self.kernel: Any = None
+        lib = _kernels.library()
+        norm = _eval_norm(bn)
+        if lib is None or norm is None or _any_hooks(*modules[1:]):
+            return
+        built = build(attn, norm)
+        if built is not None:
+            self.struct, self.info = built
+            self.address = ctypes.addressof(self.struct)
+            self.kernel = getattr(lib, kernel)
+
+    def holds(self, bn: nn.Module | None) -> bool:
+        """Whether nothing the plan was built from has changed (values aside)."""
+        return (
+            self.bn is bn
+            and [*map(id, _chain(map(dict.values, self.dicts)))] == self.ids
+            and [*map(_data_ptr, self.tensors)] == self.ptrs
+        )
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return _no_plan, ()
 
 
-def _build_spec(
-    attn: nn.Module, build: Callable[[nn.Module], tuple[Any, ...] | None], bn: nn.Module | None
-) -> tuple[tuple[Any, ...] | None, torch.Tensor | None, torch.Tensor | None]:
-    spec = build(attn)
-    if spec is None or bn is None:
-        return spec, None, None
-    assert isinstance(bn, nn.BatchNorm2d)  # (checked by the caller)
-    with torch.no_grad():
-        fold = _EvalBNFold(bn, None)
-    if not _float32_weights(fold.scale, fold.shift):
-        return None, None, None
-    return spec, fold.scale, fold.shift
+def _no_plan() -> None:
+    return None
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+def _native_plan(
+    attn: nn.Module,
+    bn: nn.Module | None,
+    build: Callable[[nn.Module, _EvalNorm], tuple[ctypes.Structure, tuple[Any, ...]] | None],
+    kernel: str,
+) -> _NativePlan | None:
+    """``attn``'s plan for ``kernel`` (kept on it while it holds), or None where no kernel
+    applies: layers it does not know, hooks, a BatchNorm not in eval mode."""
+    key = "_convattn_plan" if bn is None else "_convattn_plan_bn"
+    plan: _NativePlan | None = attn.__dict__.get(key)
+    if plan is None or not plan.holds(bn):
+        plan = _NativePlan(attn, bn, build, kernel)
+        attn.__dict__[key] = plan
+    return plan if plan.struct is not None else None
 
 
-def _channel_spec(attn: nn.Module) -> tuple[Any, ...] | None:
-    """``channel_eval_tail``'s arguments for ``attn`` (SE / ECA-style channel attention or
-    scSE): ``(rd, has_sse, channels, args)`` with ``args`` from ``excitation`` to
-    ``fusion``; None where the kernel does not know the layers."""
-    sse: SpatialSE | None = None
+def _check(plan: _NativePlan, status: int) -> None:
+    """MemoryError when the plan's kernel returned ``status`` -1: no memory for its workspace."""
+    if status != 0:
+        raise MemoryError(
+            f"convattn: the native kernel {plan.kernel.__name__} could not allocate its workspace"
+        )
+
+
+def _float32_maps(x: torch.Tensor, identity: torch.Tensor) -> bool:
+    """Whether the kernels can take these maps: float32, contiguous, CPU, same shape."""
+    return (
+        x.is_cpu
+        and x.dtype == torch.float32
+        and identity.dtype == torch.float32
+        and x.dim() >= 3
+        and x.is_contiguous()
+        and identity.is_contiguous()
+        and identity.shape == x.shape
+    )
+
+
+def _channel_plan(attn: nn.Module, norm: _EvalNorm) -> tuple[_ChannelPlan, tuple[Any, ...]] | None:
+    """``channel_eval_tail``'s plan for SE / ECA-style channel attention or scSE, with its
+    channels; None where the kernel does not know the layers."""
     sse_w: torch.Tensor | None = None
     sse_b: torch.Tensor | None = None
     channel: nn.Module = attn
@@ -1156,49 +1220,21 @@ def _channel_spec(attn: nn.Module) -> tuple[Any, ...] | None:
         return None
     w1, b1, w2, b2, rd = spec["mlp"]
     kernel, k, kernel_bias = spec["conv"]
-    args = (
+    plan = _ChannelPlan(
+        norm,
+        channel.channels,
         spec["excitation"],
         *(_ptr(t) for t in (w1, b1, w2, b2)),
         rd,
         _ptr(kernel),
+        _ptr(kernel_bias),
         k,
-        kernel_bias,
         spec["gate"],
         _ptr(sse_w),
-        0.0 if sse_b is None else float(sse_b),
+        _ptr(sse_b),
         0 if fusion == "max" else 1,
     )
-    return rd, sse is not None, channel.channels, args
-
-
-def _eval_kernel(
-    kernel: Any,
-    out: torch.Tensor,
-    identity: torch.Tensor,
-    owned: bool,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    dims: tuple[int, ...],
-    args: tuple[Any, ...],
-    work: int,
-) -> torch.Tensor:
-    """Call an inference-tail kernel (``channel_eval_tail`` or ``cbam_eval_tail``) laid out
-    as ``(map, identity, bn scale, bn shift, *dims, *args, work, result, threads)``, with a
-    float workspace of ``work`` elements; the result goes into ``out`` when ``owned``."""
-    workspace = torch.empty(work)
-    result = out if owned else torch.empty_like(out)
-    kernel(
-        out.data_ptr(),
-        identity.data_ptr(),
-        _ptr(scale),
-        _ptr(shift),
-        *dims,
-        *args,
-        workspace.data_ptr(),
-        result.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return result
+    return plan, (channel.channels,)
 
 
 def _native_channel_tail(
@@ -1212,41 +1248,33 @@ def _native_channel_tail(
     ``channel_eval_tail`` for SE / ECA-style channel attention and scSE (float32 contiguous
     CPU maps, known layers); None when it does not apply. With ``bn`` (an eval-mode
     ``nn.BatchNorm2d``), ``out`` is its input and ``relu(attn(bn(out)) + identity)`` is
-    computed with the BatchNorm folded into the kernel."""
-    if not (
-        out.is_cpu
-        and out.dtype == torch.float32
-        and identity.dtype == torch.float32
-        and out.dim() >= 3
-        and out.is_contiguous()
-        and identity.is_contiguous()
-    ):
+    computed with the BatchNorm folded into the kernel. The result goes into ``out`` when
+    ``owned``."""
+    if not _float32_maps(out, identity):
         return None
-    cached = _cached_spec(attn, _channel_spec, bn)
-    if cached is None:
-        return None
-    spec, scale, shift = cached
-    if spec is None:
-        return None
-    rd, has_sse, channels, args = spec
-    if out.shape[1] != channels:
-        return None  # (the module's own path raises its error)
-    lib = _kernels.library()
-    if lib is None:
-        return None
-    n, c = out.shape[:2]
+    plan = _native_plan(attn, bn, _channel_plan, "channel_eval_tail")
+    if plan is None or out.shape[1] != plan.info[0]:
+        return None  # (a map of the wrong size: the module's own path raises its error)
+    result = out if owned else torch.empty_like(out)
     p = math.prod(out.shape[2:])
-    threads = torch.get_num_threads()
-    work = 2 * n * c + n * rd + ((threads + 1) * n * p if has_sse else 0)
-    dims = (n, c, p)
-    return _eval_kernel(lib.channel_eval_tail, out, identity, owned, scale, shift, dims, args, work)
+    _check(
+        plan,
+        plan.kernel(
+            plan.address,
+            _data_ptr(out),
+            _data_ptr(identity),
+            out.shape[0],
+            p,
+            _data_ptr(result),
+            torch.get_num_threads(),
+        ),
+    )
+    return result
 
 
-def _cbam_spec(attn: nn.Module) -> tuple[Any, ...] | None:
-    """``cbam_eval_tail``'s arguments from the MLP's weights to the spatial BatchNorm's shift
-    (that BatchNorm's one channel read as Python numbers: torch operations on it cost more
-    than the kernel's work at 7 x 7), with the hidden width first; None where the kernel does
-    not know the layers."""
+def _cbam_plan(attn: nn.Module, norm: _EvalNorm) -> tuple[_CbamPlan, tuple[Any, ...]] | None:
+    """``cbam_eval_tail``'s plan, with CBAM's channels; None where the kernel does not know
+    the layers."""
     assert isinstance(attn, CBAM)
     cg, sg = attn.channel_gate, attn.spatial_gate
     if not (
@@ -1258,6 +1286,7 @@ def _cbam_spec(attn: nn.Module) -> tuple[Any, ...] | None:
         return None
     spec = _native_excitation(cg, "avg+max")
     conv = sg.conv
+    spatial_norm = _eval_norm(sg.bn)
     if (
         spec is None
         or spec["excitation"] != 0
@@ -1265,37 +1294,27 @@ def _cbam_spec(attn: nn.Module) -> tuple[Any, ...] | None:
         or not _is_plain_conv_to_one(conv)
         or conv.in_channels != 2
         or not _float32_weights(conv.weight, conv.bias)
-        or (sg.bn is not None and not _is_eval_batch_norm(sg.bn))
+        or spatial_norm is None
     ):
         return None
-    bn_scale, bn_shift = 1.0, 0.0
-    norm = sg.bn
-    if norm is not None:
-        assert norm.running_mean is not None and norm.running_var is not None  # (checked)
-        bn_scale = 1.0 / math.sqrt(norm.running_var.item() + norm.eps)
-        if norm.weight is not None:
-            bn_scale *= norm.weight.item()
-        bn_shift = -norm.running_mean.item() * bn_scale
-        if norm.bias is not None:
-            bn_shift += norm.bias.item()
     w1, b1, w2, b2, rd = spec["mlp"]
     kh, kw = conv.kernel_size
     ph, pw = (int(q) for q in conv.padding)
-    conv_bias = conv.bias.item() if isinstance(conv.bias, torch.Tensor) else 0.0
-    args = (
+    plan = _CbamPlan(
+        norm,
+        attn.channels,
         *(_ptr(t) for t in (w1, b1, w2, b2)),
         rd,
         spec["gate"],
-        conv.weight.data_ptr(),
+        _ptr(conv.weight),
+        _ptr(conv.bias),
         kh,
         kw,
         ph,
         pw,
-        conv_bias,
-        bn_scale,
-        bn_shift,
+        spatial_norm,
     )
-    return rd, attn.channels, args
+    return plan, (attn.channels,)
 
 
 def _native_cbam_tail(
@@ -1310,48 +1329,142 @@ def _native_cbam_tail(
     average + max pools; the spatial gate's [max; mean] descriptor, a plain k x k convolution
     to one map, an eval-mode BatchNorm or none; one gate kind for both); None otherwise.
     With ``bn``, as :func:`_native_channel_tail`: the block's BatchNorm folded in."""
+    if not (_float32_maps(out, identity) and out.dim() == 4):
+        return None
+    plan = _native_plan(attn, bn, _cbam_plan, "cbam_eval_tail")
+    if plan is None or out.shape[1] != plan.info[0]:
+        return None
+    n, _, h, w = out.shape
+    result = out if owned else torch.empty_like(out)
+    status = plan.kernel(
+        plan.address,
+        _data_ptr(out),
+        _data_ptr(identity),
+        n,
+        h,
+        w,
+        _data_ptr(result),
+        torch.get_num_threads(),
+    )
+    _check(plan, status)
+    return result
+
+
+def _gc_plan(attn: nn.Module, norm: _EvalNorm) -> tuple[_GcPlan, tuple[Any, ...]] | None:
+    """``gc_eval_tail``'s plan, with GC's channels: GC with add fusion, the standard softmax
+    context through a plain 1x1 mask convolution and the standard transform (1x1
+    convolution, LayerNorm over ``(C/r, 1, 1)``, ReLU, 1x1 convolution); None otherwise."""
+    assert isinstance(attn, GlobalContext)
+    transform = attn.channel_add_conv
     if not (
-        out.is_cpu
-        and out.dtype == torch.float32
-        and identity.dtype == torch.float32
-        and out.dim() == 4
-        and out.is_contiguous()
-        and identity.is_contiguous()
+        norm.mean is not None  # (the block's BatchNorm is part of the fold)
+        and attn.fusion_types == ("add",)
+        and type(transform) is nn.Sequential
+        and len(transform) == 4
+        and _gc_standard_context(attn)
     ):
         return None
-    norm = attn.spatial_gate.bn
-    if norm is not None and norm.training:  # (the cached spec holds its running statistics)
+    conv1, layer_norm, act, conv2 = list(transform)
+    mask = attn.conv_mask
+    if not (
+        isinstance(conv1, nn.Conv2d)
+        and isinstance(conv2, nn.Conv2d)
+        and isinstance(layer_norm, nn.LayerNorm)
+        and isinstance(mask, nn.Conv2d)
+    ):
         return None
-    cached = _cached_spec(attn, _cbam_spec, bn)
-    if cached is None:
+    weights = []
+    for conv in (conv1, conv2):
+        if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1):
+            return None
+        weights.append(conv.weight)
+    if (
+        not (_is_plain_conv_to_one(mask) and mask.kernel_size == (1, 1))
+        or type(layer_norm) is not nn.LayerNorm
+        or layer_norm.normalized_shape != (attn.rd_channels, 1, 1)
+        or type(act) is not nn.ReLU
+        or not _float32_weights(
+            *weights, conv1.bias, conv2.bias, layer_norm.weight, layer_norm.bias, mask.weight
+        )
+    ):
         return None
-    spec, scale, shift = cached
-    if spec is None:
+    plan = _GcPlan(
+        norm,
+        attn.channels,
+        _ptr(mask.weight),
+        *(_ptr(t) for t in (weights[0], conv1.bias, layer_norm.weight, layer_norm.bias)),
+        float(layer_norm.eps),
+        *(_ptr(t) for t in (weights[1], conv2.bias)),
+        attn.rd_channels,
+    )
+    return plan, (attn.channels,)
+
+
+def _native_gc_tail(
+    attn: GlobalContext,
+    bn: nn.Module,
+    y: torch.Tensor,
+    identity: torch.Tensor,
+    inplace: bool = False,
+) -> torch.Tensor | None:
+    """``relu(GC(bn(y)) + identity)`` in one call of :mod:`convattn._native`'s
+    ``gc_eval_tail``, with the eval-mode BatchNorm folded as in :func:`_gc_folded_tail` (GC
+    as :func:`_gc_plan` describes it); float32 contiguous CPU maps. None otherwise. The
+    result goes into ``y`` when ``inplace``."""
+    if not (_float32_maps(y, identity) and y.dim() == 4):
         return None
-    rd, channels, args = spec
-    if out.shape[1] != channels:
-        return None  # (the module's own path raises its error)
-    lib = _kernels.library()
-    if lib is None:
+    plan = _native_plan(attn, bn, _gc_plan, "gc_eval_tail")
+    if plan is None or y.shape[1] != plan.info[0]:
         return None
-    n, c, h, w = out.shape
-    work = 3 * n * c + 2 * n * rd + 3 * n * h * w
-    dims = (n, c, h, w)
-    return _eval_kernel(lib.cbam_eval_tail, out, identity, owned, scale, shift, dims, args, work)
+    n, _, h, w = y.shape
+    out = y if inplace else torch.empty_like(y)
+    status = plan.kernel(
+        plan.address,
+        _data_ptr(y),
+        _data_ptr(identity),
+        n,
+        h * w,
+        _data_ptr(out),
+        torch.get_num_threads(),
+    )
+    _check(plan, status)
+    return out
 
 
 def _native_folded_tail(
-    attn: nn.Module, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor
+    attn: nn.Module,
+    bn: nn.Module,
+    y: torch.Tensor,
+    identity: torch.Tensor,
+    inplace: bool = False,
 ) -> torch.Tensor | None:
     """``relu(attn(bn(y)) + identity)`` for an eval-mode BatchNorm ``bn`` folded into the
-    native kernel of SE / ECA / scSE or CBAM (see :func:`_native_channel_tail`); None where
-    no kernel applies (a map of the wrong size among them: the module's own path then says
-    what it expected). The result is a new tensor (``y`` may be held by a hook)."""
+    native kernel of SE / ECA / scSE, CBAM or GC (see :func:`_native_channel_tail`); None
+    where no kernel applies (a map of the wrong size among them: the module's own path then
+    says what it expected). The result goes into ``y`` when ``inplace`` (``y`` is a map
+    nobody else holds), else into a new tensor."""
     if isinstance(attn, (ChannelAttention, ChannelSpatialSE)):
-        return _native_channel_tail(attn, y, identity, False, bn)
+        return _native_channel_tail(attn, y, identity, inplace, bn)
     if isinstance(attn, CBAM):
-        return _native_cbam_tail(attn, y, identity, False, bn)
+        return _native_cbam_tail(attn, y, identity, inplace, bn)
+    if isinstance(attn, GlobalContext):
+        return _native_gc_tail(attn, bn, y, identity, inplace)
     return None
+
+
+def _fresh_map(block: _Block) -> bool:
+    """Whether the map that enters the block's last BatchNorm is a new tensor that nobody
+    else holds (made by a plain, unhooked ``nn.Conv2d``), so that a tail may overwrite it:
+    the kernels then write their result where the map is, hot in the cache, instead of into
+    megabytes of fresh memory (at batch 1, a third of their time in the first stage)."""
+    if block.conv3 is not None:
+        producer = block.conv3
+    else:
+        after = block.attn_conv2
+        if type(after) is not nn.Identity or _has_hooks(after):
+            return False
+        producer = block.conv2
+    return type(producer) is nn.Conv2d and not _has_hooks(producer)
 
 
 def _eval_attention_tail(
@@ -1866,18 +1979,14 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         if result is None:  # BN in eval mode or hooked: finish the plain way
             result = block.relu(attn(last_bn(out)) + identity)
         return result
-    if isinstance(attn, GlobalContext):
-        result = None
-        if getattr(block, "fast_native", True):
-            result = _native_gc_tail(attn, last_bn, out, identity)
-        if result is None:
-            result = _gc_folded_tail(attn, last_bn, out, identity)
-        if result is not None:
-            return result
     native = getattr(block, "fast_native", True)
     if native and owned and identity.shape == out.shape:
         # the last BatchNorm (exactly nn.BatchNorm2d, unhooked) folded into a native kernel
-        result = _native_folded_tail(attn, last_bn, out, identity)
+        result = _native_folded_tail(attn, last_bn, out, identity, _fresh_map(block))
+        if result is not None:
+            return result
+    if isinstance(attn, GlobalContext):
+        result = _gc_folded_tail(attn, last_bn, out, identity)
         if result is not None:
             return result
     out = last_bn(out)

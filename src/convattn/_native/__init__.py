@@ -53,33 +53,17 @@ _SIGNATURES: dict[str, list[Any]] = {
     "cbam_backward_gate": [ctypes.c_void_p] * 10 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_backward_sums": [ctypes.c_void_p] * 14 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "cbam_backward_input": [ctypes.c_void_p] * 16 + [_L] * 3 + [ctypes.c_void_p] + [_I],
-    "cbam_eval_tail": [ctypes.c_void_p] * 4
-    + [_L] * 4
-    + [ctypes.c_void_p] * 4
-    + [_L, _I, ctypes.c_void_p]
-    + [_L] * 4
-    + [ctypes.c_float] * 3
-    + [ctypes.c_void_p] * 2
-    + [_I],
-    "gc_eval_tail": [ctypes.c_void_p] * 2
-    + [_L] * 3
-    + [ctypes.c_void_p] * 7
-    + [ctypes.c_float]
-    + [ctypes.c_void_p] * 2
-    + [_L]
-    + [ctypes.c_void_p] * 2
-    + [_I],
+    # the inference tails: (plan, map, identity, sizes..., out, threads) -> 0 or -1 (memory)
+    "cbam_eval_tail": [ctypes.c_void_p] * 3 + [_L] * 3 + [ctypes.c_void_p, _I],
+    "gc_eval_tail": [ctypes.c_void_p] * 3 + [_L] * 2 + [ctypes.c_void_p, _I],
     "se_apply": [ctypes.c_void_p] * 5 + [_L] * 3 + [ctypes.c_void_p, _I],
     "se_backward_mask": [ctypes.c_void_p] * 4 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "se_backward_input": [ctypes.c_void_p] * 8 + [_L] * 3 + [ctypes.c_void_p, _I],
-    "channel_eval_tail": [ctypes.c_void_p] * 4
-    + [_L] * 3
-    + [_I]
-    + [ctypes.c_void_p] * 4
-    + [_L, ctypes.c_void_p, _L, ctypes.c_float, _I, ctypes.c_void_p, ctypes.c_float, _I]
-    + [ctypes.c_void_p] * 2
-    + [_I],
+    "channel_eval_tail": [ctypes.c_void_p] * 3 + [_L] * 2 + [ctypes.c_void_p, _I],
 }
+
+# the functions that return a status (0, or -1 when their workspace cannot be allocated)
+_RETURN_STATUS = frozenset({"cbam_eval_tail", "channel_eval_tail", "gc_eval_tail"})
 
 
 class NativeBuildError(RuntimeError):
@@ -197,7 +181,7 @@ def library() -> ctypes.CDLL | None:
             for name, argtypes in _SIGNATURES.items():
                 function = getattr(lib, name)
                 function.argtypes = argtypes
-                function.restype = None
+                function.restype = _I if name in _RETURN_STATUS else None
         except (NativeBuildError, OSError, AttributeError) as err:
             _failed = True
             warnings.warn(

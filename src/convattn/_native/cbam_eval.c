@@ -9,36 +9,54 @@
 
    x1 is never stored: the spatial pool and the final product recompute it, rounded as the
    eager code rounds it. One OpenMP region of PyTorch's thread pool (see cbam_train.c).
-   With bn_a, bn_b (else NULL) the map given is the eval-mode BatchNorm's input y, and
-   x = y * bn_a + bn_b is formed in registers wherever it is read (see channel_eval.c).
-   float32, contiguous (N, C, H, W) maps; out may be x. */
+   With a BatchNorm in the plan the map given is the eval-mode BatchNorm's input y, and
+   x = y * a + b is formed in registers wherever it is read (see channel_eval.c, also for the
+   plan). float32, contiguous (N, C, H, W) maps; out may be x. Returns 0, or -1 when the
+   workspace cannot be allocated. */
 
 #include <math.h>
 #include <omp.h>
 
 #include "kernels.h"
 
+/* The layers (convattn.fast._CbamPlan mirrors this; every field is 8 bytes). */
 typedef struct {
-    const float *x, *identity;
-    const float *bn_a, *bn_b; /* (C) each, or NULL */
-    long N, C, H, W;
+    eval_norm bn;                   /* the block's BatchNorm, folded (bn.mean NULL: none) */
+    long C;
     const float *w1, *b1, *w2, *b2; /* MLP: (R, C), (R) or NULL, (C, R), (C) or NULL */
     long R;
-    int gate; /* 0: sigmoid; 1: hardsigmoid */
-    const float *kernel; /* (2, KH, KW): [max; mean] input maps, one output */
+    long gate;                      /* 0: sigmoid; 1: hardsigmoid */
+    const float *kernel;            /* (2, KH, KW): [max; mean] input maps, one output */
+    const float *conv_bias;         /* (1) or NULL */
+    long KH, KW, PH, PW;
+    eval_norm spatial_bn;           /* the spatial gate's BatchNorm (mean NULL: none) */
+} cbam_plan;
+
+typedef struct {
+    const float *x, *identity;
+    long N, C, H, W;
+    const float *w1, *b1, *w2, *b2;
+    long R;
+    int gate;
+    const float *kernel;
     long KH, KW, PH, PW;
     float conv_bias, bn_scale, bn_shift;
+    const eval_norm *norm;
+    float *bn_a, *bn_b;                 /* (C) each */
     float *z, *hidden, *cw, *desc, *sw; /* (2N, C), (N, R), (N, C), (N, 2, HW), (N, HW) */
     float *out;
 } cbam_eval_args;
 
 static void cbam_eval_run(const cbam_eval_args *a) {
     long N = a->N, C = a->C, H = a->H, W = a->W, P = H * W, rows = N * C, R = a->R;
+    const float *bn_a = a->bn_a, *bn_b = a->bn_b;
+#pragma omp for schedule(static)
+    for (long c = 0; c < C; c++) eval_norm_fold(a->norm, c, a->bn_a + c, a->bn_b + c);
     /* channel descriptors: z[n] = mean, z[N + n] = max over positions */
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
         const float *restrict v = a->x + r * P;
-        float xa = a->bn_a ? a->bn_a[r % C] : 1.0f, xb = a->bn_b ? a->bn_b[r % C] : 0.0f;
+        float xa = bn_a[r % C], xb = bn_b[r % C];
         float sum = 0.0f, hi = -INFINITY;
 #pragma omp simd reduction(+ : sum) reduction(max : hi)
         for (long p = 0; p < P; p++) {
@@ -91,7 +109,7 @@ static void cbam_eval_run(const cbam_eval_args *a) {
         for (long c = 0; c < C; c++) {
             const float *restrict v = a->x + (n * C + c) * P + p0;
             float w = a->cw[n * C + c];
-            float xa = a->bn_a ? a->bn_a[c] : 1.0f, xb = a->bn_b ? a->bn_b[c] : 0.0f;
+            float xa = bn_a[c], xb = bn_b[c];
 #pragma omp simd
             for (long i = 0; i < len; i++) {
                 float x1 = (v[i] * xa + xb) * w;
@@ -136,7 +154,7 @@ static void cbam_eval_run(const cbam_eval_args *a) {
         const float *restrict s = a->sw + (r / C) * P;
         float *out = a->out + r * P; /* may be v: each element is read, then written */
         float w = a->cw[r];
-        float xa = a->bn_a ? a->bn_a[r % C] : 1.0f, xb = a->bn_b ? a->bn_b[r % C] : 0.0f;
+        float xa = bn_a[r % C], xb = bn_b[r % C];
 #pragma omp simd
         for (long p = 0; p < P; p++) {
             float t = (v[p] * xa + xb) * w * s[p] + id[p];
@@ -145,19 +163,23 @@ static void cbam_eval_run(const cbam_eval_args *a) {
     }
 }
 
-void cbam_eval_tail(const float *x, const float *identity, const float *bn_a,
-                    const float *bn_b, long N, long C, long H, long W,
-                    const float *w1, const float *b1, const float *w2, const float *b2, long R,
-                    int gate, const float *kernel, long KH, long KW, long PH, long PW,
-                    float conv_bias, float bn_scale, float bn_shift, float *work, float *out,
-                    int nthreads) {
-    /* work: 2NC (z) + 2NR (hidden) + NC (cw) + 2NHW (desc) + NHW (sw) floats */
-    long P = H * W;
-    cbam_eval_args a = {x, identity, bn_a, bn_b, N, C, H, W, w1, b1, w2, b2, R, gate, kernel, KH, KW,
-                        PH, PW, conv_bias, bn_scale, bn_shift, work, work + 2 * N * C,
-                        work + 2 * N * C + 2 * N * R, work + 3 * N * C + 2 * N * R,
-                        work + 3 * N * C + 2 * N * R + 2 * N * P, out};
+int cbam_eval_tail(const cbam_plan *plan, const float *x, const float *identity, long N, long H,
+                   long W, float *out, int nthreads) {
+    long C = plan->C, R = plan->R, P = H * W;
+    /* workspace: 2C (BatchNorm) + 2NC (z) + 2NR (hidden) + NC (cw) + 2NHW (desc) + NHW (sw) */
+    float *work = workspace(2 * C + 3 * N * C + 2 * N * R + 3 * N * P);
+    if (!work) return -1;
+    float bn_scale, bn_shift; /* the spatial gate's one-channel BatchNorm */
+    eval_norm_fold(&plan->spatial_bn, 0, &bn_scale, &bn_shift);
+    float *z = work + 2 * C;
+    cbam_eval_args a = {x, identity, N, C, H, W, plan->w1, plan->b1, plan->w2, plan->b2, R,
+                        (int)plan->gate, plan->kernel, plan->KH, plan->KW, plan->PH, plan->PW,
+                        plan->conv_bias ? plan->conv_bias[0] : 0.0f, bn_scale, bn_shift,
+                        &plan->bn, work, work + C, z, z + 2 * N * C, z + 2 * N * C + 2 * N * R,
+                        z + 3 * N * C + 2 * N * R, z + 3 * N * C + 2 * N * R + 2 * N * P, out};
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     cbam_eval_run(&a);
+    free(work);
+    return 0;
 }

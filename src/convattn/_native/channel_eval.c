@@ -11,10 +11,14 @@
    Inside a network at batch 1 every PyTorch operation costs tens of microseconds of
    dispatch, and MKL runs the MLP's matrix-vector products on one thread; here the work runs
    in one OpenMP region of PyTorch's thread pool (see cbam_train.c), phase after phase.
-   With bn_a, bn_b (else NULL) the map given is the eval-mode BatchNorm's input y and
-   x = y * bn_a + bn_b is formed in registers wherever it is read: the BatchNorm's own pass
-   (a read and a write of the map) folded in.
-   float32, contiguous (N, C, P) maps; out may be x (then x is overwritten). */
+   With a BatchNorm in the plan, the map given is the eval-mode BatchNorm's input y and
+   x = y * a + b is formed in registers wherever it is read: the BatchNorm's own pass (a read
+   and a write of the map) folded in.
+
+   The layers come as a plan built once by convattn.fast (pointers to the modules' own
+   tensors, read at every call); a call passes the maps and their sizes. float32, contiguous
+   (N, C, P) maps; out may be x (then x is overwritten). Returns 0, or -1 when the workspace
+   cannot be allocated. */
 
 #include <math.h>
 #include <omp.h>
@@ -22,81 +26,95 @@
 
 #include "kernels.h"
 
+/* The layers (convattn.fast._ChannelPlan mirrors this; every field is 8 bytes). */
 typedef struct {
-    const float *x, *identity;
-    const float *bn_a, *bn_b;  /* (C) each, or NULL: x as given */
-    long N, C, P;
-    int excitation;            /* 0: MLP (fc1, ReLU, fc2); 1: 1-D convolution */
+    eval_norm bn;              /* the block's BatchNorm, folded (bn.mean NULL: none) */
+    long C;
+    long excitation;           /* 0: MLP (fc1, ReLU, fc2); 1: 1-D convolution */
     const float *w1, *b1;      /* fc1: (R, C), (R) or NULL */
     const float *w2, *b2;      /* fc2: (C, R), (C) or NULL */
     long R;
     const float *kernel;       /* 1-D convolution: (K), zero padding (K - 1) / 2 */
+    const float *kernel_bias;  /* (1) or NULL */
     long K;
-    float kernel_bias;
-    int gate;                  /* 0: sigmoid; 1: hardsigmoid */
-    const float *sse_w;        /* scSE: (C) or NULL */
-    float sse_b;
-    int fusion;                /* scSE: 0 max, 1 sum */
+    long gate;                 /* 0: sigmoid; 1: hardsigmoid */
+    const float *sse_w;        /* scSE: (C), or NULL: not scSE */
+    const float *sse_b;        /* (1) or NULL */
+    long fusion;               /* scSE: 0 max, 1 sum */
+} channel_plan;
+
+typedef struct {
+    const channel_plan *plan;
+    const float *x, *identity;
+    long N, P;
+    float *bn_a, *bn_b;        /* (C) each */
     float *z, *hidden, *g;     /* (N, C), (N, R), (N, C) */
-    float *s_part, *s;         /* (T, N, P), (N, P) */
+    float *s_part, *s;         /* T rows of NP (each `stride` long), (N, P) */
+    long stride;               /* NP rounded up to whole cache lines: no false sharing */
     float *out;
 } tail_args;
 
 static void run(const tail_args *a) {
-    long N = a->N, C = a->C, P = a->P, rows = N * C;
+    const channel_plan *pl = a->plan;
+    long N = a->N, C = pl->C, P = a->P, R = pl->R, rows = N * C;
     int tid = omp_get_thread_num(), threads = omp_get_num_threads();
-    float *part = a->sse_w ? a->s_part + (long)tid * N * P : NULL;
+    const float *bn_a = a->bn_a, *bn_b = a->bn_b;
+#pragma omp for schedule(static)
+    for (long c = 0; c < C; c++) eval_norm_fold(&pl->bn, c, a->bn_a + c, a->bn_b + c);
+    float *part = pl->sse_w ? a->s_part + (long)tid * a->stride : NULL;
     if (part)
         for (long i = 0; i < N * P; i++) part[i] = 0.0f;
     /* squeeze (and sSE's projection, per thread over its rows) */
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
         const float *restrict v = a->x + r * P;
-        float xa = a->bn_a ? a->bn_a[r % C] : 1.0f, xb = a->bn_b ? a->bn_b[r % C] : 0.0f;
+        float xa = bn_a[r % C], xb = bn_b[r % C];
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
         for (long p = 0; p < P; p++) acc += v[p] * xa + xb;
         a->z[r] = acc / (float)P;
         if (part) {
-            float w = a->sse_w[r % C];
+            float w = pl->sse_w[r % C];
             float *restrict dst = part + (r / C) * P;
 #pragma omp simd
             for (long p = 0; p < P; p++) dst[p] += w * (v[p] * xa + xb);
         }
     }
     /* excitation */
-    if (a->excitation == 0) {
+    if (pl->excitation == 0) {
 #pragma omp for schedule(static)
-        for (long j = 0; j < a->R; j++)
+        for (long j = 0; j < R; j++)
             for (long n = 0; n < N; n++) {
-                float t = dot_product(a->w1 + j * C, a->z + n * C, C) + (a->b1 ? a->b1[j] : 0.0f);
-                a->hidden[n * a->R + j] = t > 0.0f ? t : 0.0f;
+                float t = dot_product(pl->w1 + j * C, a->z + n * C, C) + (pl->b1 ? pl->b1[j] : 0.0f);
+                a->hidden[n * R + j] = t > 0.0f ? t : 0.0f;
             }
 #pragma omp for schedule(static)
         for (long c = 0; c < C; c++)
             for (long n = 0; n < N; n++) {
-                float t = dot_product(a->w2 + c * a->R, a->hidden + n * a->R, a->R);
-                a->g[n * C + c] = gate_value(t + (a->b2 ? a->b2[c] : 0.0f), a->gate);
+                float t = dot_product(pl->w2 + c * R, a->hidden + n * R, R);
+                a->g[n * C + c] = gate_value(t + (pl->b2 ? pl->b2[c] : 0.0f), (int)pl->gate);
             }
     } else {
-        long pad = (a->K - 1) / 2;
+        long pad = (pl->K - 1) / 2;
+        float bias = pl->kernel_bias ? pl->kernel_bias[0] : 0.0f;
 #pragma omp for schedule(static)
         for (long r = 0; r < rows; r++) {
             long n = r / C, c = r % C;
             float t = 0.0f;
-            for (long i = 0; i < a->K; i++) {
+            for (long i = 0; i < pl->K; i++) {
                 long src = c + i - pad;
-                if (src >= 0 && src < C) t += a->kernel[i] * a->z[n * C + src];
+                if (src >= 0 && src < C) t += pl->kernel[i] * a->z[n * C + src];
             }
-            a->g[r] = gate_value(t + a->kernel_bias, a->gate);
+            a->g[r] = gate_value(t + bias, (int)pl->gate);
         }
     }
     /* sSE's gate: the partial projections summed */
-    if (a->sse_w) {
+    if (pl->sse_w) {
+        float bias = pl->sse_b ? pl->sse_b[0] : 0.0f;
 #pragma omp for schedule(static)
         for (long i = 0; i < N * P; i++) {
-            float t = a->sse_b;
-            for (int k = 0; k < threads; k++) t += a->s_part[(long)k * N * P + i];
+            float t = bias;
+            for (int k = 0; k < threads; k++) t += a->s_part[(long)k * a->stride + i];
             a->s[i] = 1.0f / (1.0f + expf(-t));
         }
     }
@@ -106,8 +124,8 @@ static void run(const tail_args *a) {
         const float *v = a->x + r * P, *restrict id = a->identity + r * P;
         float *out = a->out + r * P; /* may be v: each element is read, then written */
         float g = a->g[r];
-        float xa = a->bn_a ? a->bn_a[r % C] : 1.0f, xb = a->bn_b ? a->bn_b[r % C] : 0.0f;
-        if (!a->sse_w) {
+        float xa = bn_a[r % C], xb = bn_b[r % C];
+        if (!pl->sse_w) {
 #pragma omp simd
             for (long p = 0; p < P; p++) {
                 float t = (v[p] * xa + xb) * g + id[p];
@@ -115,7 +133,7 @@ static void run(const tail_args *a) {
             }
         } else {
             const float *restrict s = a->s + (r / C) * P;
-            if (a->fusion == 0) {
+            if (pl->fusion == 0) {
 #pragma omp simd
                 for (long p = 0; p < P; p++) {
                     float xv = v[p] * xa + xb, cg = xv * g, sg = xv * s[p];
@@ -133,21 +151,24 @@ static void run(const tail_args *a) {
     }
 }
 
-void channel_eval_tail(const float *x, const float *identity, const float *bn_a,
-                       const float *bn_b, long N, long C, long P,
-                       int excitation, const float *w1, const float *b1, const float *w2,
-                       const float *b2, long R, const float *kernel, long K, float kernel_bias,
-                       int gate, const float *sse_w, float sse_b, int fusion, float *work,
-                       float *out, int nthreads) {
-    /* work: N * C (z) + N * R (hidden) + N * C (g) + (nthreads + 1) * N * P (scSE only) */
-    tail_args a = {x, identity, bn_a, bn_b, N, C, P, excitation, w1, b1, w2, b2, R, kernel, K,
-                   kernel_bias, gate, sse_w, sse_b, fusion, work, work + N * C,
-                   work + N * C + N * R, NULL, NULL, out};
+int channel_eval_tail(const channel_plan *plan, const float *x, const float *identity, long N,
+                      long P, float *out, int nthreads) {
+    long C = plan->C, R = plan->R;
     if (nthreads < 1) nthreads = 1;
-    if (sse_w) {
-        a.s = a.g + N * C;
-        a.s_part = a.s + N * P;
+    long stride = (N * P + 15) / 16 * 16; /* 16 floats: 64 bytes */
+    /* workspace: 2C (BatchNorm) + NC (z) + NR (hidden) + NC (g), then for scSE NP (s) and,
+       from a cache-line boundary, T rows of stride floats (the partial projections) */
+    long head = 2 * C + 2 * N * C + N * R, parts = (head + N * P + 15) / 16 * 16;
+    float *work = workspace(plan->sse_w ? parts + nthreads * stride : head);
+    if (!work) return -1;
+    tail_args a = {plan, x, identity, N, P, work, work + C, work + 2 * C, work + 2 * C + N * C,
+                   work + 2 * C + N * C + N * R, NULL, NULL, stride, out};
+    if (plan->sse_w) {
+        a.s = work + head;
+        a.s_part = work + parts;
     }
 #pragma omp parallel num_threads(nthreads)
     run(&a);
+    free(work);
+    return 0;
 }

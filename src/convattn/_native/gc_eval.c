@@ -10,18 +10,33 @@
      out    = relu(a * y + (b + t) + identity)
 
    One OpenMP region of PyTorch's thread pool (see cbam_train.c); three passes over y where
-   the eager tail makes about eight, and no PyTorch operation per step. float32, contiguous
-   (N, C, P) maps. */
+   the eager tail makes about eight, and no PyTorch operation per step. The layers come as a
+   plan (see channel_eval.c); float32, contiguous (N, C, P) maps. Returns 0, or -1 when the
+   workspace cannot be allocated. */
 
 #include <math.h>
 #include <omp.h>
 
 #include "kernels.h"
 
+/* The layers (convattn.fast._GcPlan mirrors this; every field is 8 bytes). */
+typedef struct {
+    eval_norm bn;                     /* the block's BatchNorm */
+    long C;
+    const float *mask;                /* (C): the 1x1 mask convolution's weight */
+    const float *w1, *b1;             /* (R, C), (R) or NULL */
+    const float *ln_w, *ln_b;         /* (R) or NULL */
+    double ln_eps;
+    const float *w2, *b2;             /* (C, R), (C) or NULL */
+    long R;
+} gc_plan;
+
 typedef struct {
     const float *y, *identity;
     long N, C, P;
-    const float *a, *b, *wa;          /* (C) each */
+    const eval_norm *norm;
+    const float *mask;
+    float *a, *b, *wa;                /* (C) each: BatchNorm scale, shift, folded mask */
     const float *w1, *b1;             /* (R, C), (R) or NULL */
     const float *ln_w, *ln_b;         /* (R) or NULL */
     float ln_eps;
@@ -33,6 +48,11 @@ typedef struct {
 
 static void gc_run(const gc_args *g) {
     long N = g->N, C = g->C, P = g->P, R = g->R, rows = N * C;
+#pragma omp for schedule(static)
+    for (long c = 0; c < C; c++) {
+        eval_norm_fold(g->norm, c, g->a + c, g->b + c);
+        g->wa[c] = g->mask[c] * g->a[c];
+    }
     long block = position_block(P, omp_get_num_threads());
     long blocks = (P + block - 1) / block;
     /* scores of every position, a block of positions of one image at a time */
@@ -113,14 +133,20 @@ static void gc_run(const gc_args *g) {
     }
 }
 
-void gc_eval_tail(const float *y, const float *identity, long N, long C, long P, const float *a,
-                  const float *b, const float *wa, const float *w1, const float *b1,
-                  const float *ln_w, const float *ln_b, float ln_eps, const float *w2,
-                  const float *b2, long R, float *work, float *out, int nthreads) {
-    /* work: N * P + 2 * N * C + N * R floats */
-    gc_args g = {y, identity, N, C, P, a, b, wa, w1, b1, ln_w, ln_b, ln_eps, w2, b2, R,
-                 work, work + N * P, work + N * P + N * C, work + N * P + N * C + N * R, out};
+int gc_eval_tail(const gc_plan *plan, const float *y, const float *identity, long N, long P,
+                 float *out, int nthreads) {
+    long C = plan->C, R = plan->R;
+    /* workspace: 3C (BatchNorm, folded mask) + NP (scores) + 2NC (ctx, t) + NR (hidden) */
+    float *work = workspace(3 * C + N * P + 2 * N * C + N * R);
+    if (!work) return -1;
+    float *scores = work + 3 * C;
+    gc_args g = {y, identity, N, C, P, &plan->bn, plan->mask, work, work + C, work + 2 * C,
+                 plan->w1, plan->b1, plan->ln_w, plan->ln_b, (float)plan->ln_eps, plan->w2,
+                 plan->b2, R, scores, scores + N * P, scores + N * P + N * C,
+                 scores + N * P + N * C + N * R, out};
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     gc_run(&g);
+    free(work);
+    return 0;
 }

@@ -4,6 +4,7 @@
 #define CONVATTN_KERNELS_H
 
 #include <math.h>
+#include <stdlib.h>
 
 /* The gates the kernels know: 0 = sigmoid, 1 = hardsigmoid (relu6(t + 3) / 6). */
 static inline float gate_value(float t, int kind) {
@@ -30,6 +31,33 @@ static inline float dot_product(const float *restrict a, const float *restrict b
 static inline long position_block(long P, long threads) {
     long block = (P + threads - 1) / threads;
     return block < POSITION_BLOCK ? block : POSITION_BLOCK;
+}
+
+/* An eval-mode BatchNorm read from its own tensors at every call (so in-place updates are
+   seen without a cache to refresh): bn(y) = y * a + b per channel, a = weight / sqrt(var +
+   eps), b = bias - mean * a (as PyTorch folds it in float); weight, bias NULL: 1, 0; mean NULL:
+   no BatchNorm (a = 1, b = 0). Every field is 8 bytes, for ctypes' mirror of the plans. */
+typedef struct {
+    const float *weight, *bias, *mean, *var;
+    double eps;
+} eval_norm;
+
+static inline void eval_norm_fold(const eval_norm *bn, long c, float *a, float *b) {
+    if (!bn->mean) {
+        *a = 1.0f;
+        *b = 0.0f;
+        return;
+    }
+    float scale = 1.0f / sqrtf(bn->var[c] + (float)bn->eps);
+    if (bn->weight) scale *= bn->weight[c];
+    *a = scale;
+    *b = (bn->bias ? bn->bias[c] : 0.0f) - bn->mean[c] * scale;
+}
+
+/* A float workspace of n elements, 64-byte aligned; NULL when memory runs out. */
+static inline float *workspace(long n) {
+    size_t bytes = ((size_t)(n > 0 ? n : 1) * sizeof(float) + 63) & ~(size_t)63;
+    return (float *)aligned_alloc(64, bytes);
 }
 
 #endif
