@@ -4,8 +4,11 @@ Three measurements, each side by side in one process: every network runs once a 
 an order shuffled each round, and every ratio is the median over rounds of that round's
 ratio (paired: both times taken seconds apart, so a machine-wide slowdown cancels). For
 inference, each contender is built ``--instances`` times (default 3) and a round's time is the
-mean over its instances: separately built networks of one architecture differ by a few
-percent on a CPU (memory placement), as much as the effects measured here.
+mean over its instances, every attention network reads its backbone weights from the
+tensors of a plain network's instance (``--no-share-backbone``: its own copy; separately
+allocated copies of one network run a few percent apart on a CPU), and a 90 % bootstrap
+interval of each ratio is printed: single batch-1 passes jump by a third on a shared
+machine, so batch 1 runs 60 rounds (+-1 % or so) and larger batches 15.
 
 1. Inference overhead over the plain backbone, ResNet-50 at 224 px, batch 1 and 8, in eval
    mode under ``torch.inference_mode``: ``time(attention net) / time(plain net) - 1`` for
@@ -29,7 +32,7 @@ gives the same widths on ResNet-50), CBAM's MLP with biases, GC with add fusion 
 ECA: convattn uses the released per-stage kernels 3, 5, 5, 7, timm its adaptive 5, 5, 5, 7.
 timm has no scSE; its column says n/a.
 
-    python benchmarks/overhead.py                 # the full run (about 12 minutes on 2 cores)
+    python benchmarks/overhead.py                 # the full run (about 15 minutes on 2 cores)
     python benchmarks/overhead.py --quick         # smoke run: small inputs, few rounds
     python benchmarks/overhead.py --device cuda   # the same ratios on a GPU
 """
@@ -140,9 +143,42 @@ def paired_ratio(rounds: list[list[float]], num: list[int], den: list[int]) -> f
     return statistics.median(ratios)
 
 
+def ratio_interval(
+    rounds: list[list[float]], num: list[int], den: list[int], level: float = 0.9
+) -> tuple[float, float]:
+    """A ``level`` bootstrap confidence interval of :func:`paired_ratio` (rounds resampled
+    with replacement, 500 times, fixed seed): on a shared machine single forward passes
+    jump by 30 % and more, and the interval says how far the median may be trusted."""
+    rng = random.Random(1)
+    ratios = [
+        statistics.fmean(r[i] for i in num) / statistics.fmean(r[i] for i in den) for r in rounds
+    ]
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(500))
+    tail = (1 - level) / 2
+    return medians[int(tail * len(medians))], medians[int((1 - tail) * len(medians)) - 1]
+
+
 def median_time(rounds: list[list[float]], steps: list[int]) -> float:
     """Median over rounds of the mean time of ``steps``."""
     return statistics.median(statistics.fmean(r[i] for i in steps) for r in rounds)
+
+
+def share_backbone(model: nn.Module, plain: nn.Module) -> int:
+    """Point every parameter and buffer of ``model`` that ``plain`` has under the same name
+    and shape at ``plain``'s tensor; returns how many. The attention network then reads its
+    backbone from the very memory the plain network reads, so that the two differ by the
+    attention alone: separately allocated copies of the same weights run a few percent apart
+    on a CPU (alignment, cache-set and page placement), as much as the effects measured."""
+    theirs = dict(plain.named_parameters()) | dict(plain.named_buffers())
+    shared = 0
+    for prefix, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                other = theirs.get(f"{prefix}.{key}" if prefix else key)
+                if tensor is not None and other is not None and other.shape == tensor.shape:
+                    table[key] = other
+                    shared += 1
+    return shared
 
 
 def infer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -169,6 +205,17 @@ def train_step(
     return step
 
 
+def inference_rounds(args: argparse.Namespace, batch: int) -> int:
+    """Rounds at ``batch``: ``--repeats``, else 60 at batch 1 and 15 from batch 4 on (a
+    batch-1 forward pass is short enough for the machine's hiccups to move it by a third;
+    60 rounds narrow the 90 % interval of a ratio to about +-1 %)."""
+    if args.repeats is not None:
+        return int(args.repeats)
+    if args.quick:
+        return 3
+    return max(15, 60 // batch)
+
+
 def inference_table(args: argparse.Namespace, device: torch.device) -> None:
     size = 112 if args.quick else 224
     names = ["plain", *GOALS]
@@ -182,6 +229,11 @@ def inference_table(args: argparse.Namespace, device: torch.device) -> None:
         theirs = [timm_resnet50(mech) for _ in range(args.instances)]
         if all(t is not None for t in theirs):
             models["timm", m] = [t.to(device) for t in theirs if t is not None]
+    if args.share_backbone:
+        for (lib, m), instances in models.items():
+            if m != "plain":
+                for model, plain in zip(instances, models[lib, "plain"], strict=True):
+                    share_backbone(model, plain)
     for batch in args.batches:
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device)
@@ -190,27 +242,33 @@ def inference_table(args: argparse.Namespace, device: torch.device) -> None:
         for key, instances in models.items():
             index[key] = list(range(len(steps), len(steps) + len(instances)))
             steps += [infer_step(model, x) for model in instances]
-        rounds = timed_rounds(steps, args.warmup, args.repeats, device)
+        repeats = inference_rounds(args, batch)
+        rounds = timed_rounds(steps, args.warmup, repeats, device)
         plain_ms = {lib: median_time(rounds, index[lib, "plain"]) * 1e3 for lib in ("ca", "timm")}
         print(
-            f"\nInference, ResNet-50, {size} px, batch {batch}: plain convattn "
-            f"{plain_ms['ca']:.1f} ms, plain timm {plain_ms['timm']:.1f} ms"
+            f"\nInference, ResNet-50, {size} px, batch {batch} ({repeats} rounds): plain "
+            f"convattn {plain_ms['ca']:.1f} ms, plain timm {plain_ms['timm']:.1f} ms"
         )
         header = (
-            f"{'mechanism':<10} {'convattn %':>10} {'timm %':>8} {'goal %':>7} "
+            f"{'mechanism':<10} {'convattn %':>10} {'90 % CI':>14} {'timm %':>8} {'goal %':>7} "
             f"{'<= goal':>8} {'<= timm':>8}"
         )
         print(header)
         print("-" * len(header))
         for m in GOALS:
             ca = (paired_ratio(rounds, index["ca", m], index["ca", "plain"]) - 1) * 100
+            low, high = ratio_interval(rounds, index["ca", m], index["ca", "plain"])
+            interval = f"[{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]"
             tm = None
             if ("timm", m) in index:
                 tm = (paired_ratio(rounds, index["timm", m], index["timm", "plain"]) - 1) * 100
             tm_cell = "n/a" if tm is None else f"{tm:+.1f}"
             beats = "n/a" if tm is None else ("yes" if ca <= tm else "NO")
             ok = "yes" if ca <= GOALS[m] else "NO"
-            print(f"{m:<10} {ca:>+10.1f} {tm_cell:>8} {GOALS[m]:>7.1f} {ok:>8} {beats:>8}")
+            print(
+                f"{m:<10} {ca:>+10.1f} {interval:>14} {tm_cell:>8} {GOALS[m]:>7.1f} {ok:>8} "
+                f"{beats:>8}"
+            )
 
 
 def training_table(args: argparse.Namespace, device: torch.device) -> None:
@@ -311,7 +369,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (0: torch default)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="inference rounds (default: 60 at batch 1, 15 above)",
+    )
     parser.add_argument(
         "--train-repeats", type=int, default=None, help="training rounds (default 40)"
     )
@@ -322,6 +385,12 @@ def main() -> None:
         help="separately built networks per inference contender, averaged in every round",
     )
     parser.add_argument(
+        "--no-share-backbone",
+        dest="share_backbone",
+        action="store_false",
+        help="inference: give each network its own copy of the backbone weights",
+    )
+    parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile training rows"
     )
     parser.add_argument(
@@ -329,7 +398,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
     if args.instances is None:
         args.instances = 1 if args.quick else 3
     if args.instances < 1:
@@ -348,7 +416,8 @@ def main() -> None:
     print(
         f"convattn attention overhead: torch {torch.__version__}, device {device} ({where}), "
         f"{torch.get_num_threads()} thread(s), load average {load:.2f}; ratios are medians "
-        f"over {args.repeats} (inference, {args.instances} instance(s) per network) / "
+        f"over rounds (inference: {args.instances} instance(s) per network, backbone "
+        f"{'shared' if args.share_backbone else 'copied'}) / "
         f"{args.train_repeats} (training) rounds of per-round paired ratios"
     )
     if "inference" not in args.skip:

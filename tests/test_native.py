@@ -21,6 +21,7 @@ from convattn.fast import (
     _native_channel_tail,
     _native_folded_tail,
     _native_gc_tail,
+    _native_residual_tail,
     _SeTailNative,
     _train_attention_tail,
     _train_cbam_tail,
@@ -387,8 +388,8 @@ def test_native_eval_tail_steps_aside() -> None:
 
 
 @requires_native
-@pytest.mark.parametrize("attention", ["se", "eca", "scse", "cbam", "gc"])
-def test_resnet_inference_native_matches_the_torch_path(attention: str) -> None:
+@pytest.mark.parametrize("attention", [None, "se", "eca", "scse", "cbam", "gc"])
+def test_resnet_inference_native_matches_the_torch_path(attention: str | None) -> None:
     torch.manual_seed(0)
     native = create_model("resnet50", attention=attention).eval()
     torch_path = copy.deepcopy(native)
@@ -598,6 +599,69 @@ def test_native_gc_eval_tail_matches_the_equations(shape: tuple[int, ...]) -> No
         bn.train()
         assert _native_gc_tail(attn, bn, y, identity) is None
         assert _native_gc_tail(attn, bn.eval(), y.double(), identity.double()) is None
+
+
+@requires_native
+def test_native_residual_tail_of_a_block_without_attention() -> None:
+    """relu(BN(y) + identity) for the plain block, the eval BatchNorm from its definition."""
+    torch.manual_seed(5)
+    bn = nn.BatchNorm2d(24).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 3)
+    y, identity = torch.randn(3, 24, 7, 9), torch.randn(3, 24, 7, 9)
+    slot = nn.Identity()
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.double() - bn.running_mean.double() * scale
+    want = torch.relu(y.double() * scale.view(-1, 1, 1) + shift.view(-1, 1, 1) + identity.double())
+    with torch.no_grad():
+        got = _native_residual_tail(slot, bn, y, identity, inplace=False)
+        assert got is not None and got.data_ptr() != y.data_ptr()
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        owned = y.clone()
+        assert _native_residual_tail(slot, bn, owned, identity, inplace=True) is owned
+        torch.testing.assert_close(owned, got, rtol=0, atol=0)
+        assert (
+            _native_residual_tail(
+                slot, bn, y[:, :12].contiguous(), identity[:, :12].contiguous(), False
+            )
+            is None
+        )
+        assert _native_residual_tail(nn.ReLU(), bn, y, identity, inplace=False) is None
+        bn.train()
+        assert _native_residual_tail(slot, bn, y, identity, inplace=False) is None
+
+
+@requires_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("shape", [(2, 64, 1, 1), (1, 32, 40, 40), (3, 32, 17, 23)])
+def test_native_gc_online_softmax_across_threads(threads: int, shape: tuple[int, ...]) -> None:
+    """GC's kernel sums the context over blocks of positions with an online softmax, per
+    thread, and merges the threads' sums: every split (threads without a block among them,
+    many blocks a thread, peaked scores) gives the paper's softmax context."""
+    torch.manual_seed(threads + shape[2])
+    attn = create("gc", channels=shape[1]).eval()
+    bn = nn.BatchNorm2d(shape[1]).eval()
+    with torch.no_grad():
+        for p in [*attn.parameters(), bn.weight, bn.bias]:
+            p.add_(torch.randn_like(p) * 0.3)
+        attn.conv_mask.weight.mul_(8.0)  # peaked scores: the running maximum moves
+        bn.running_var.uniform_(0.5, 2.0)
+    y, identity = torch.randn(shape) * 2, torch.randn(shape)
+    want = _gc_eval_reference(
+        copy.deepcopy(attn).double(), copy.deepcopy(bn).double(), y.double(), identity.double()
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            got = _native_gc_tail(attn, bn, y, identity)
+    finally:
+        torch.set_num_threads(before)
+    assert got is not None
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 @requires_native

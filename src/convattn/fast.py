@@ -40,8 +40,12 @@ modules' own. ``set_fast_paths(model, native=False)``, ``CONVATTN_NATIVE=0`` or 
 without a C compiler keep the PyTorch fast paths.
 
 Blocks without attention add the residual in place into the last BatchNorm's output (as
-torchvision does), in inference and training, so that the plain backbone that attention's
-overhead is measured against is as fast as torchvision's and timm's.
+torchvision does) in training; in inference with the native kernels their tail is one pass
+too, ``relu(BN(y) + identity)`` with the BatchNorm folded (``residual_eval.c``), so that the
+plain backbone that attention's overhead is measured against ends its blocks as cheaply as
+the attention kernels end theirs, and the overhead is the attention's own. Where the map
+entering that BatchNorm was made by a plain unhooked convolution, every inference tail
+writes its result into that map.
 
 Layer files and blocks route through :func:`block_forward`; :func:`optimize` switches the
 fast paths on or off, converts to channels_last and wraps in ``torch.compile`` on request.
@@ -1029,6 +1033,12 @@ class _CbamPlan(ctypes.Structure):
     ]
 
 
+class _ResidualPlan(ctypes.Structure):
+    """``residual_plan`` of ``_native/residual_eval.c`` (a block without attention)."""
+
+    _fields_ = [("bn", _EvalNorm), ("C", _LONG)]
+
+
 class _GcPlan(ctypes.Structure):
     """``gc_plan`` of ``_native/gc_eval.c``."""
 
@@ -1064,6 +1074,12 @@ def _eval_norm(bn: nn.Module | None) -> _EvalNorm | None:
     return _EvalNorm(*(_ptr(t) for t in tensors), float(bn.eps))
 
 
+# builds a kernel's plan from (attention module, block BatchNorm or None, that BatchNorm's
+# view): (the C struct, facts the call checks: the channels first); None: no kernel applies
+_PlanBuilder = Callable[
+    [nn.Module, "nn.Module | None", _EvalNorm], "tuple[ctypes.Structure, tuple[Any, ...]] | None"
+]
+
 # the per-module dictionaries whose contents a plan depends on (backward hooks do not matter:
 # the inference tails run without autograd)
 _WATCHED = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks")
@@ -1098,7 +1114,7 @@ class _NativePlan:
         self,
         attn: nn.Module,
         bn: nn.Module | None,
-        build: Callable[[nn.Module, _EvalNorm], tuple[ctypes.Structure, tuple[Any, ...]] | None],
+        build: _PlanBuilder,
         kernel: str,
     ) -> None:
         modules = [attn]
@@ -1132,7 +1148,7 @@ class _NativePlan:
         norm = _eval_norm(bn)
         if lib is None or norm is None or _any_hooks(*modules[1:]):
             return
-        built = build(attn, norm)
+        built = build(attn, bn, norm)
         if built is not None:
             self.struct, self.info = built
             self.address = ctypes.addressof(self.struct)
@@ -1157,7 +1173,7 @@ def _no_plan() -> None:
 def _native_plan(
     attn: nn.Module,
     bn: nn.Module | None,
-    build: Callable[[nn.Module, _EvalNorm], tuple[ctypes.Structure, tuple[Any, ...]] | None],
+    build: _PlanBuilder,
     kernel: str,
 ) -> _NativePlan | None:
     """``attn``'s plan for ``kernel`` (kept on it while it holds), or None where no kernel
@@ -1179,9 +1195,11 @@ def _check(plan: _NativePlan, status: int) -> None:
 
 
 def _float32_maps(x: torch.Tensor, identity: torch.Tensor) -> bool:
-    """Whether the kernels can take these maps: float32, contiguous, CPU, same shape."""
+    """Whether the kernels can take these maps: float32, contiguous, CPU, same shape, not
+    empty (the modules' own code handles empty maps)."""
     return (
-        x.is_cpu
+        x.numel() > 0
+        and x.is_cpu
         and x.dtype == torch.float32
         and identity.dtype == torch.float32
         and x.dim() >= 3
@@ -1191,7 +1209,9 @@ def _float32_maps(x: torch.Tensor, identity: torch.Tensor) -> bool:
     )
 
 
-def _channel_plan(attn: nn.Module, norm: _EvalNorm) -> tuple[_ChannelPlan, tuple[Any, ...]] | None:
+def _channel_plan(
+    attn: nn.Module, bn: nn.Module | None, norm: _EvalNorm
+) -> tuple[_ChannelPlan, tuple[Any, ...]] | None:
     """``channel_eval_tail``'s plan for SE / ECA-style channel attention or scSE, with its
     channels; None where the kernel does not know the layers."""
     sse_w: torch.Tensor | None = None
@@ -1272,7 +1292,9 @@ def _native_channel_tail(
     return result
 
 
-def _cbam_plan(attn: nn.Module, norm: _EvalNorm) -> tuple[_CbamPlan, tuple[Any, ...]] | None:
+def _cbam_plan(
+    attn: nn.Module, bn: nn.Module | None, norm: _EvalNorm
+) -> tuple[_CbamPlan, tuple[Any, ...]] | None:
     """``cbam_eval_tail``'s plan, with CBAM's channels; None where the kernel does not know
     the layers."""
     assert isinstance(attn, CBAM)
@@ -1350,7 +1372,9 @@ def _native_cbam_tail(
     return result
 
 
-def _gc_plan(attn: nn.Module, norm: _EvalNorm) -> tuple[_GcPlan, tuple[Any, ...]] | None:
+def _gc_plan(
+    attn: nn.Module, bn: nn.Module | None, norm: _EvalNorm
+) -> tuple[_GcPlan, tuple[Any, ...]] | None:
     """``gc_eval_tail``'s plan, with GC's channels: GC with add fusion, the standard softmax
     context through a plain 1x1 mask convolution and the standard transform (1x1
     convolution, LayerNorm over ``(C/r, 1, 1)``, ReLU, 1x1 convolution); None otherwise."""
@@ -1424,6 +1448,43 @@ def _native_gc_tail(
         _data_ptr(identity),
         n,
         h * w,
+        _data_ptr(out),
+        torch.get_num_threads(),
+    )
+    _check(plan, status)
+    return out
+
+
+def _residual_plan(
+    attn: nn.Module, bn: nn.Module | None, norm: _EvalNorm
+) -> tuple[_ResidualPlan, tuple[Any, ...]] | None:
+    """``residual_eval_tail``'s plan, for a block whose attention slot is ``nn.Identity``."""
+    if type(attn) is not nn.Identity or not isinstance(bn, nn.BatchNorm2d):
+        return None
+    return _ResidualPlan(norm, bn.num_features), (bn.num_features,)
+
+
+def _native_residual_tail(
+    attn: nn.Module, bn: nn.Module, y: torch.Tensor, identity: torch.Tensor, inplace: bool
+) -> torch.Tensor | None:
+    """``relu(bn(y) + identity)`` for a block without attention (``attn`` is its
+    ``nn.Identity``, which keeps the plan) in one pass of :mod:`convattn._native`'s
+    ``residual_eval_tail``: the plain network's blocks end as the attention kernels end
+    theirs, so that what separates the two is the attention's own cost. None where it does
+    not apply (the eager ``bn`` then runs, and says what it expected of a wrong map)."""
+    if not _float32_maps(y, identity):
+        return None
+    plan = _native_plan(attn, bn, _residual_plan, "residual_eval_tail")
+    if plan is None or y.shape[1] != plan.info[0]:
+        return None
+    out = y if inplace else torch.empty_like(y)
+    p = math.prod(y.shape[2:])
+    status = plan.kernel(
+        plan.address,
+        _data_ptr(y),
+        _data_ptr(identity),
+        y.shape[0],
+        p,
         _data_ptr(out),
         torch.get_num_threads(),
     )
@@ -1963,23 +2024,25 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         out = block.conv3(block.pre_conv3(block.relu(block.bn2(out))))
     if block.downsample is not None:
         identity = block.downsample(block.pre_downsample(x))
-    if plain:  # no attention: torchvision's in-place residual add
-        out = last_bn(out)
+    native = getattr(block, "fast_native", True)
+    if plain:  # no attention
+        if native and not grad and identity.shape == out.shape:
+            result = _native_residual_tail(attn, last_bn, out, identity, _fresh_map(block))
+            if result is not None:
+                return result
+        out = last_bn(out)  # torchvision's in-place residual add
         out += identity
         return block.relu(out)
     if grad:
         if isinstance(attn, CBAM):
             result = None
             if getattr(block, "fast_recompute", True):
-                native = getattr(block, "fast_native", True)
                 result = _train_cbam_tail(out, identity, last_bn, attn, native)
         else:
-            native = getattr(block, "fast_native", True)
             result = _train_attention_tail(block, out, identity, last_bn, attn, native)
         if result is None:  # BN in eval mode or hooked: finish the plain way
             result = block.relu(attn(last_bn(out)) + identity)
         return result
-    native = getattr(block, "fast_native", True)
     if native and owned and identity.shape == out.shape:
         # the last BatchNorm (exactly nn.BatchNorm2d, unhooked) folded into a native kernel
         result = _native_folded_tail(attn, last_bn, out, identity, _fresh_map(block))

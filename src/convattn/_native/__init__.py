@@ -3,7 +3,8 @@ compiler on first use and loaded with :mod:`ctypes`.
 
 The library compiles this folder's C files into one shared library: ``cbam_train.c`` and
 ``se_train.c``, the training tails of CBAM and of SE / ECA; ``channel_eval.c``,
-``cbam_eval.c`` and ``gc_eval.c``, the inference tails of SE, ECA, scSE, CBAM and GC. It
+``cbam_eval.c`` and ``gc_eval.c``, the inference tails of SE, ECA, scSE, CBAM and GC, and
+``residual_eval.c``, that of a block without attention. It
 builds once per source version, compiler and machine, into
 ``$CONVATTN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/convattn`` or ``~/.cache/convattn``), which
 takes about a second; later processes load the cached library. Without a compiler, or with
@@ -56,6 +57,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     # the inference tails: (plan, map, identity, sizes..., out, threads) -> 0 or -1 (memory)
     "cbam_eval_tail": [ctypes.c_void_p] * 3 + [_L] * 3 + [ctypes.c_void_p, _I],
     "gc_eval_tail": [ctypes.c_void_p] * 3 + [_L] * 2 + [ctypes.c_void_p, _I],
+    "residual_eval_tail": [ctypes.c_void_p] * 3 + [_L] * 2 + [ctypes.c_void_p, _I],
     "se_apply": [ctypes.c_void_p] * 5 + [_L] * 3 + [ctypes.c_void_p, _I],
     "se_backward_mask": [ctypes.c_void_p] * 4 + [_L] * 3 + [ctypes.c_void_p] * 2 + [_I],
     "se_backward_input": [ctypes.c_void_p] * 8 + [_L] * 3 + [ctypes.c_void_p, _I],
@@ -63,7 +65,9 @@ _SIGNATURES: dict[str, list[Any]] = {
 }
 
 # the functions that return a status (0, or -1 when their workspace cannot be allocated)
-_RETURN_STATUS = frozenset({"cbam_eval_tail", "channel_eval_tail", "gc_eval_tail"})
+_RETURN_STATUS = frozenset(
+    {"cbam_eval_tail", "channel_eval_tail", "gc_eval_tail", "residual_eval_tail"}
+)
 
 
 class NativeBuildError(RuntimeError):
