@@ -8,7 +8,7 @@ mean over its instances, every attention network reads its backbone weights from
 tensors of a plain network's instance (``--no-share-backbone``: its own copy; separately
 allocated copies of one network run a few percent apart on a CPU), and a 90 % bootstrap
 interval of each ratio is printed: single batch-1 passes jump by a third on a shared
-machine, so batch 1 runs 60 rounds (+-1 % or so) and larger batches 15.
+machine, so batch 1 runs 60 rounds (+-1.5 % or so) and larger batches 25.
 
 1. Inference overhead over the plain backbone, ResNet-50 at 224 px, batch 1 and 8, in eval
    mode under ``torch.inference_mode``: ``time(attention net) / time(plain net) - 1`` for
@@ -32,7 +32,7 @@ gives the same widths on ResNet-50), CBAM's MLP with biases, GC with add fusion 
 ECA: convattn uses the released per-stage kernels 3, 5, 5, 7, timm its adaptive 5, 5, 5, 7.
 timm has no scSE; its column says n/a.
 
-    python benchmarks/overhead.py                 # the full run (about 15 minutes on 2 cores)
+    python benchmarks/overhead.py                 # the full run (about 17 minutes on 2 cores)
     python benchmarks/overhead.py --quick         # smoke run: small inputs, few rounds
     python benchmarks/overhead.py --device cuda   # the same ratios on a GPU
 """
@@ -206,14 +206,14 @@ def train_step(
 
 
 def inference_rounds(args: argparse.Namespace, batch: int) -> int:
-    """Rounds at ``batch``: ``--repeats``, else 60 at batch 1 and 15 from batch 4 on (a
+    """Rounds at ``batch``: ``--repeats``, else 60 at batch 1 and 25 from batch 3 on (a
     batch-1 forward pass is short enough for the machine's hiccups to move it by a third;
-    60 rounds narrow the 90 % interval of a ratio to about +-1 %)."""
+    60 rounds narrow the 90 % interval of a ratio to about +-1.5 %)."""
     if args.repeats is not None:
         return int(args.repeats)
     if args.quick:
         return 3
-    return max(15, 60 // batch)
+    return max(25, 60 // batch)
 
 
 def inference_table(args: argparse.Namespace, device: torch.device) -> None:
@@ -373,7 +373,7 @@ def main() -> None:
         "--repeats",
         type=int,
         default=None,
-        help="inference rounds (default: 60 at batch 1, 15 above)",
+        help="inference rounds (default: 60 at batch 1, 25 above)",
     )
     parser.add_argument(
         "--train-repeats", type=int, default=None, help="training rounds (default 40)"

@@ -602,6 +602,39 @@ def test_native_gc_eval_tail_matches_the_equations(shape: tuple[int, ...]) -> No
 
 
 @requires_native
+@pytest.mark.parametrize("name", ["se", "scse", "cbam", "gc"])
+def test_native_tails_split_large_batches_into_chunks(name: str) -> None:
+    """Maps of more than 4 MB an image run one image per pass (so that the last pass finds
+    the map in cache); the result is the whole batch's."""
+    torch.manual_seed(2)
+    shape = (3, 16, 260, 260)  # 4.3 MB an image
+    attn = create(name, channels=16).eval()
+    bn = nn.BatchNorm2d(16).eval()
+    with torch.no_grad():
+        for p in [*attn.parameters(), bn.weight, bn.bias]:
+            p.add_(torch.randn_like(p) * 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+    y, identity = torch.randn(shape), torch.randn(shape)
+    with torch.no_grad():
+        got = _native_folded_tail(attn, bn, y, identity)
+        assert got is not None
+        for i in range(shape[0]):  # each image alone: a batch of one
+            one = _native_folded_tail(attn, bn, y[i : i + 1], identity[i : i + 1])
+            assert one is not None
+            torch.testing.assert_close(got[i : i + 1], one, rtol=0, atol=0)
+        if name == "gc":
+            want = _gc_eval_reference(
+                copy.deepcopy(attn).double(),
+                copy.deepcopy(bn).double(),
+                y[:1].double(),
+                identity[:1].double(),
+            )
+        else:
+            want = _folded_reference(attn, bn, y[:1], identity[:1])
+        torch.testing.assert_close(got[:1].double(), want, rtol=1e-5, atol=1e-4)
+
+
+@requires_native
 def test_native_residual_tail_of_a_block_without_attention() -> None:
     """relu(BN(y) + identity) for the plain block, the eval BatchNorm from its definition."""
     torch.manual_seed(5)

@@ -166,20 +166,27 @@ static void cbam_eval_run(const cbam_eval_args *a) {
 int cbam_eval_tail(const cbam_plan *plan, const float *x, const float *identity, long N, long H,
                    long W, float *out, int nthreads) {
     long C = plan->C, R = plan->R, P = H * W;
-    /* workspace: 2C (BatchNorm) + 2NC (z) + 2NR (hidden) + NC (cw) + 2NHW (desc) + NHW (sw) */
-    float *work = workspace(2 * C + 3 * N * C + 2 * N * R + 3 * N * P);
+    long chunk = images_per_chunk(N, C, P);
+    /* workspace (for a chunk of k images): 2C (BatchNorm) + 2kC (z) + 2kR (hidden) + kC (cw)
+       + 2kHW (desc) + kHW (sw) */
+    float *work = workspace(2 * C + 3 * chunk * C + 2 * chunk * R + 3 * chunk * P);
     if (!work) return -1;
     float bn_scale, bn_shift; /* the spatial gate's one-channel BatchNorm */
     eval_norm_fold(&plan->spatial_bn, 0, &bn_scale, &bn_shift);
-    float *z = work + 2 * C;
-    cbam_eval_args a = {x, identity, N, C, H, W, plan->w1, plan->b1, plan->w2, plan->b2, R,
-                        (int)plan->gate, plan->kernel, plan->KH, plan->KW, plan->PH, plan->PW,
-                        plan->conv_bias ? plan->conv_bias[0] : 0.0f, bn_scale, bn_shift,
-                        &plan->bn, work, work + C, z, z + 2 * N * C, z + 2 * N * C + 2 * N * R,
-                        z + 3 * N * C + 2 * N * R, z + 3 * N * C + 2 * N * R + 2 * N * P, out};
     if (nthreads < 1) nthreads = 1;
+    for (long n0 = 0; n0 < N; n0 += chunk) {
+        long k = N - n0 < chunk ? N - n0 : chunk, skip = n0 * C * P;
+        float *z = work + 2 * C;
+        cbam_eval_args a = {x + skip, identity + skip, k, C, H, W, plan->w1, plan->b1,
+                            plan->w2, plan->b2, R, (int)plan->gate, plan->kernel, plan->KH,
+                            plan->KW, plan->PH, plan->PW,
+                            plan->conv_bias ? plan->conv_bias[0] : 0.0f, bn_scale, bn_shift,
+                            &plan->bn, work, work + C, z, z + 2 * k * C, z + 2 * k * C + 2 * k * R,
+                            z + 3 * k * C + 2 * k * R, z + 3 * k * C + 2 * k * R + 2 * k * P,
+                            out + skip};
 #pragma omp parallel num_threads(nthreads)
-    cbam_eval_run(&a);
+        cbam_eval_run(&a);
+    }
     free(work);
     return 0;
 }

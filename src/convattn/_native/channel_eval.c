@@ -155,20 +155,26 @@ int channel_eval_tail(const channel_plan *plan, const float *x, const float *ide
                       long P, float *out, int nthreads) {
     long C = plan->C, R = plan->R;
     if (nthreads < 1) nthreads = 1;
-    long stride = (N * P + 15) / 16 * 16; /* 16 floats: 64 bytes */
-    /* workspace: 2C (BatchNorm) + NC (z) + NR (hidden) + NC (g), then for scSE NP (s) and,
-       from a cache-line boundary, T rows of stride floats (the partial projections) */
-    long head = 2 * C + 2 * N * C + N * R, parts = (head + N * P + 15) / 16 * 16;
+    long chunk = images_per_chunk(N, C, P);
+    long stride = (chunk * P + 15) / 16 * 16; /* 16 floats: 64 bytes */
+    /* workspace (for a chunk of images): 2C (BatchNorm) + NC (z) + NR (hidden) + NC (g), then
+       for scSE NP (s) and, from a cache-line boundary, T rows of stride floats (the partial
+       projections) */
+    long head = 2 * C + 2 * chunk * C + chunk * R, parts = (head + chunk * P + 15) / 16 * 16;
     float *work = workspace(plan->sse_w ? parts + nthreads * stride : head);
     if (!work) return -1;
-    tail_args a = {plan, x, identity, N, P, work, work + C, work + 2 * C, work + 2 * C + N * C,
-                   work + 2 * C + N * C + N * R, NULL, NULL, stride, out};
-    if (plan->sse_w) {
-        a.s = work + head;
-        a.s_part = work + parts;
-    }
+    for (long n0 = 0; n0 < N; n0 += chunk) {
+        long k = N - n0 < chunk ? N - n0 : chunk, skip = n0 * C * P;
+        tail_args a = {plan, x + skip, identity + skip, k, P, work, work + C, work + 2 * C,
+                       work + 2 * C + k * C, work + 2 * C + k * C + k * R, NULL, NULL,
+                       stride, out + skip};
+        if (plan->sse_w) {
+            a.s = work + head;
+            a.s_part = work + parts;
+        }
 #pragma omp parallel num_threads(nthreads)
-    run(&a);
+        run(&a);
+    }
     free(work);
     return 0;
 }

@@ -136,17 +136,22 @@ static void gc_run(const gc_args *g) {
 int gc_eval_tail(const gc_plan *plan, const float *y, const float *identity, long N, long P,
                  float *out, int nthreads) {
     long C = plan->C, R = plan->R;
-    /* workspace: 3C (BatchNorm, folded mask) + NP (scores) + 2NC (ctx, t) + NR (hidden) */
-    float *work = workspace(3 * C + N * P + 2 * N * C + N * R);
+    long chunk = images_per_chunk(N, C, P);
+    /* workspace (for a chunk of k images): 3C (BatchNorm, folded mask) + kP (scores) + 2kC
+       (ctx, t) + kR (hidden) */
+    float *work = workspace(3 * C + chunk * P + 2 * chunk * C + chunk * R);
     if (!work) return -1;
-    float *scores = work + 3 * C;
-    gc_args g = {y, identity, N, C, P, &plan->bn, plan->mask, work, work + C, work + 2 * C,
-                 plan->w1, plan->b1, plan->ln_w, plan->ln_b, (float)plan->ln_eps, plan->w2,
-                 plan->b2, R, scores, scores + N * P, scores + N * P + N * C,
-                 scores + N * P + N * C + N * R, out};
     if (nthreads < 1) nthreads = 1;
+    for (long n0 = 0; n0 < N; n0 += chunk) {
+        long k = N - n0 < chunk ? N - n0 : chunk, skip = n0 * C * P;
+        float *scores = work + 3 * C;
+        gc_args g = {y + skip, identity + skip, k, C, P, &plan->bn, plan->mask, work,
+                     work + C, work + 2 * C, plan->w1, plan->b1, plan->ln_w, plan->ln_b,
+                     (float)plan->ln_eps, plan->w2, plan->b2, R, scores, scores + k * P,
+                     scores + k * P + k * C, scores + k * P + k * C + k * R, out + skip};
 #pragma omp parallel num_threads(nthreads)
-    gc_run(&g);
+        gc_run(&g);
+    }
     free(work);
     return 0;
 }
