@@ -5,10 +5,11 @@ an order shuffled each round, and every ratio is the median over rounds of that 
 ratio (paired: both times taken seconds apart, so a machine-wide slowdown cancels). For
 inference, each contender is built ``--instances`` times (default 3) and a round's time is the
 mean over its instances, every attention network reads its backbone weights from the
-tensors of a plain network's instance (``--no-share-backbone``: its own copy; separately
-allocated copies of one network run a few percent apart on a CPU), and a 90 % bootstrap
-interval of each ratio is printed: single batch-1 passes jump by a third on a shared
-machine, so batch 1 runs 60 rounds (+-1.5 % or so) and larger batches 25.
+tensors of a plain network's instance (``--no-share-backbone``: its own copy), all networks
+are built anew every ``--rebuild-every`` rounds (default 10: where a network's tensors land
+moves its time by a few percent for as long as it lives), and a 90 % bootstrap interval of
+each ratio is printed: single batch-1 passes jump by a third on a shared machine, so batch 1
+runs 60 rounds and larger batches 25.
 
 1. Inference overhead over the plain backbone, ResNet-50 at 224 px, batch 1 and 8, in eval
    mode under ``torch.inference_mode``: ``time(attention net) / time(plain net) - 1`` for
@@ -32,7 +33,7 @@ gives the same widths on ResNet-50), CBAM's MLP with biases, GC with add fusion 
 ECA: convattn uses the released per-stage kernels 3, 5, 5, 7, timm its adaptive 5, 5, 5, 7.
 timm has no scSE; its column says n/a.
 
-    python benchmarks/overhead.py                 # the full run (about 17 minutes on 2 cores)
+    python benchmarks/overhead.py                 # the full run (about 20 minutes on 2 cores)
     python benchmarks/overhead.py --quick         # smoke run: small inputs, few rounds
     python benchmarks/overhead.py --device cuda   # the same ratios on a GPU
 """
@@ -216,12 +217,14 @@ def inference_rounds(args: argparse.Namespace, batch: int) -> int:
     return max(25, 60 // batch)
 
 
-def inference_table(args: argparse.Namespace, device: torch.device) -> None:
-    size = 112 if args.quick else 224
-    names = ["plain", *GOALS]
-    # (library, mechanism) -> separately built instances
+def build_contenders(
+    args: argparse.Namespace, device: torch.device
+) -> dict[tuple[str, str], list[nn.Module]]:
+    """(library, mechanism) -> ``--instances`` separately built networks, each attention
+    network sharing its backbone tensors with the plain instance of its index (unless
+    ``--no-share-backbone``)."""
     models: dict[tuple[str, str], list[nn.Module]] = {}
-    for m in names:
+    for m in ["plain", *GOALS]:
         mech = None if m == "plain" else m
         models["ca", m] = [
             convattn_model("resnet50", mech).to(device) for _ in range(args.instances)
@@ -234,16 +237,30 @@ def inference_table(args: argparse.Namespace, device: torch.device) -> None:
             if m != "plain":
                 for model, plain in zip(instances, models[lib, "plain"], strict=True):
                     share_backbone(model, plain)
+    return models
+
+
+def inference_table(args: argparse.Namespace, device: torch.device) -> None:
+    size = 112 if args.quick else 224
     for batch in args.batches:
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device)
-        steps: list[Callable[[], object]] = []
-        index: dict[tuple[str, str], list[int]] = {}
-        for key, instances in models.items():
-            index[key] = list(range(len(steps), len(steps) + len(instances)))
-            steps += [infer_step(model, x) for model in instances]
         repeats = inference_rounds(args, batch)
-        rounds = timed_rounds(steps, args.warmup, repeats, device)
+        # Every --rebuild-every rounds all networks are built anew: where their tensors land
+        # moves a network's time by a few percent for as long as it lives, so one set of
+        # instances per run made whole runs disagree by more than their intervals.
+        rounds: list[list[float]] = []
+        index: dict[tuple[str, str], list[int]] = {}
+        while len(rounds) < repeats:
+            models = build_contenders(args, device)
+            steps: list[Callable[[], object]] = []
+            index = {}
+            for key, instances in models.items():
+                index[key] = list(range(len(steps), len(steps) + len(instances)))
+                steps += [infer_step(model, x) for model in instances]
+            count = min(args.rebuild_every or repeats, repeats - len(rounds))
+            rounds += timed_rounds(steps, args.warmup, count, device, seed=len(rounds))
+            del models, steps
         plain_ms = {lib: median_time(rounds, index[lib, "plain"]) * 1e3 for lib in ("ca", "timm")}
         print(
             f"\nInference, ResNet-50, {size} px, batch {batch} ({repeats} rounds): plain "
@@ -385,6 +402,12 @@ def main() -> None:
         help="separately built networks per inference contender, averaged in every round",
     )
     parser.add_argument(
+        "--rebuild-every",
+        type=int,
+        default=None,
+        help="inference: build every network anew after this many rounds (default 10; 0: never)",
+    )
+    parser.add_argument(
         "--no-share-backbone",
         dest="share_backbone",
         action="store_false",
@@ -402,6 +425,10 @@ def main() -> None:
         args.instances = 1 if args.quick else 3
     if args.instances < 1:
         parser.error("--instances must be at least 1")
+    if args.rebuild_every is None:
+        args.rebuild_every = 0 if args.quick else 10
+    if args.rebuild_every < 0:
+        parser.error("--rebuild-every must be at least 0")
     if args.train_repeats is None:  # one step a round: ten rounds moved ratios by +-0.03
         args.train_repeats = 2 if args.quick else 40
     if args.device.startswith("cuda") and not torch.cuda.is_available():
