@@ -8,7 +8,8 @@
      out = relu(x1 * sw + identity)
 
    x1 is never stored: the spatial pool and the final product recompute it, rounded as the
-   eager code rounds it. One OpenMP region of PyTorch's thread pool (see cbam_train.c).
+   eager code rounds it. Every pass reads whole channel rows, split between threads by
+   channel as the convolution before wrote them (see gc_eval.c). One OpenMP region of PyTorch's thread pool (see cbam_train.c).
    With a BatchNorm in the plan the map given is the eval-mode BatchNorm's input y, and
    x = y * a + b is formed in registers wherever it is read (see channel_eval.c, also for the
    plan). float32, contiguous (N, C, H, W) maps; out may be x. Returns 0, or -1 when the
@@ -44,6 +45,8 @@ typedef struct {
     const eval_norm *norm;
     float *bn_a, *bn_b;                 /* (C) each */
     float *z, *hidden, *cw, *desc, *sw; /* (2N, C), (N, R), (N, C), (N, 2, HW), (N, HW) */
+    float *part;                        /* T partial descriptors (N, 2, HW), `stride` apart */
+    long stride;                        /* 2NHW rounded up to whole cache lines */
     float *out;
 } cbam_eval_args;
 
@@ -93,35 +96,40 @@ static void cbam_eval_run(const cbam_eval_args *a) {
             float t = dot_product(a->w2 + c * R, a->hidden + n * R, R) + (bias + bias);
             a->cw[n * C + c] = gate_value(t, a->gate);
         }
-    /* spatial descriptor of x1 = x * cw, a block of positions of one image at a time (at
-       least as many blocks as threads) */
-    long block = position_block(P, omp_get_num_threads());
-    long blocks = (P + block - 1) / block;
+    /* spatial descriptor of x1 = x * cw: each thread takes whole channel rows (split by
+       channel as the convolution before wrote them) into partial max and sum maps of its
+       own, merged once all are in */
+    int threads = omp_get_num_threads();
+    float *part = a->part + (long)omp_get_thread_num() * a->stride;
+    for (long n = 0; n < N; n++)
+        for (long p = 0; p < P; p++) {
+            part[n * 2 * P + p] = -INFINITY;
+            part[n * 2 * P + P + p] = 0.0f;
+        }
 #pragma omp for schedule(static)
-    for (long item = 0; item < N * blocks; item++) {
-        long n = item / blocks, p0 = (item % blocks) * block;
-        long len = P - p0 < block ? P - p0 : block;
-        float hi[POSITION_BLOCK], sum[POSITION_BLOCK];
-        for (long i = 0; i < len; i++) {
-            hi[i] = -INFINITY;
-            sum[i] = 0.0f;
-        }
-        for (long c = 0; c < C; c++) {
-            const float *restrict v = a->x + (n * C + c) * P + p0;
-            float w = a->cw[n * C + c];
-            float xa = bn_a[c], xb = bn_b[c];
+    for (long r = 0; r < rows; r++) {
+        long n = r / C, c = r % C;
+        const float *restrict v = a->x + r * P;
+        float *restrict hi = part + n * 2 * P, *restrict sum = hi + P;
+        float w = a->cw[r], xa = bn_a[c], xb = bn_b[c];
 #pragma omp simd
-            for (long i = 0; i < len; i++) {
-                float x1 = (v[i] * xa + xb) * w;
-                sum[i] += x1;
-                hi[i] = x1 > hi[i] ? x1 : hi[i];
-            }
+        for (long p = 0; p < P; p++) {
+            float x1 = (v[p] * xa + xb) * w;
+            sum[p] += x1;
+            hi[p] = x1 > hi[p] ? x1 : hi[p];
         }
-        float *restrict dmax = a->desc + n * 2 * P + p0, *restrict dmean = dmax + P;
-        for (long i = 0; i < len; i++) {
-            dmax[i] = hi[i];
-            dmean[i] = sum[i] / (float)C;
+    }
+#pragma omp for schedule(static)
+    for (long i = 0; i < N * P; i++) {
+        long n = i / P, p = i % P;
+        float hi = -INFINITY, sum = 0.0f;
+        for (int t = 0; t < threads; t++) {
+            const float *q = a->part + (long)t * a->stride + n * 2 * P;
+            hi = q[p] > hi ? q[p] : hi;
+            sum += q[P + p];
         }
+        a->desc[n * 2 * P + p] = hi;
+        a->desc[n * 2 * P + P + p] = sum / (float)C;
     }
     /* k x k convolution of the descriptor to one map, eval BatchNorm, gate; one output row
        per work item */
@@ -167,13 +175,15 @@ int cbam_eval_tail(const cbam_plan *plan, const float *x, const float *identity,
                    long W, float *out, int nthreads) {
     long C = plan->C, R = plan->R, P = H * W;
     long chunk = images_per_chunk(N, C, P);
+    if (nthreads < 1) nthreads = 1;
     /* workspace (for a chunk of k images): 2C (BatchNorm) + 2kC (z) + 2kR (hidden) + kC (cw)
-       + 2kHW (desc) + kHW (sw) */
-    float *work = workspace(2 * C + 3 * chunk * C + 2 * chunk * R + 3 * chunk * P);
+       + 2kHW (desc) + kHW (sw), then from a cache-line boundary T partial descriptors */
+    long head = (2 * C + 3 * chunk * C + 2 * chunk * R + 3 * chunk * P + 15) / 16 * 16;
+    long stride = (2 * chunk * P + 15) / 16 * 16;
+    float *work = workspace(head + nthreads * stride);
     if (!work) return -1;
     float bn_scale, bn_shift; /* the spatial gate's one-channel BatchNorm */
     eval_norm_fold(&plan->spatial_bn, 0, &bn_scale, &bn_shift);
-    if (nthreads < 1) nthreads = 1;
     for (long n0 = 0; n0 < N; n0 += chunk) {
         long k = N - n0 < chunk ? N - n0 : chunk, skip = n0 * C * P;
         float *z = work + 2 * C;
@@ -183,7 +193,7 @@ int cbam_eval_tail(const cbam_plan *plan, const float *x, const float *identity,
                             plan->conv_bias ? plan->conv_bias[0] : 0.0f, bn_scale, bn_shift,
                             &plan->bn, work, work + C, z, z + 2 * k * C, z + 2 * k * C + 2 * k * R,
                             z + 3 * k * C + 2 * k * R, z + 3 * k * C + 2 * k * R + 2 * k * P,
-                            out + skip};
+                            work + head, stride, out + skip};
 #pragma omp parallel num_threads(nthreads)
         cbam_eval_run(&a);
     }
