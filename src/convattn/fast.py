@@ -1186,12 +1186,29 @@ def _native_plan(
     return plan if plan.struct is not None else None
 
 
-def _check(plan: _NativePlan, status: int) -> None:
-    """MemoryError when the plan's kernel returned ``status`` -1: no memory for its workspace."""
+def _run_tail(
+    plan: _NativePlan,
+    y: torch.Tensor,
+    identity: torch.Tensor,
+    sizes: tuple[int, ...],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Call the plan's inference-tail kernel as ``(plan, y, identity, *sizes, out,
+    threads)`` and return ``out``; MemoryError when the kernel could not allocate its
+    workspace (it returns -1)."""
+    status = plan.kernel(
+        plan.address,
+        _data_ptr(y),
+        _data_ptr(identity),
+        *sizes,
+        _data_ptr(out),
+        torch.get_num_threads(),
+    )
     if status != 0:
         raise MemoryError(
             f"convattn: the native kernel {plan.kernel.__name__} could not allocate its workspace"
         )
+    return out
 
 
 def _float32_maps(x: torch.Tensor, identity: torch.Tensor) -> bool:
@@ -1276,20 +1293,7 @@ def _native_channel_tail(
     if plan is None or out.shape[1] != plan.info[0]:
         return None  # (a map of the wrong size: the module's own path raises its error)
     result = out if owned else torch.empty_like(out)
-    p = math.prod(out.shape[2:])
-    _check(
-        plan,
-        plan.kernel(
-            plan.address,
-            _data_ptr(out),
-            _data_ptr(identity),
-            out.shape[0],
-            p,
-            _data_ptr(result),
-            torch.get_num_threads(),
-        ),
-    )
-    return result
+    return _run_tail(plan, out, identity, (out.shape[0], math.prod(out.shape[2:])), result)
 
 
 def _cbam_plan(
@@ -1358,18 +1362,7 @@ def _native_cbam_tail(
         return None
     n, _, h, w = out.shape
     result = out if owned else torch.empty_like(out)
-    status = plan.kernel(
-        plan.address,
-        _data_ptr(out),
-        _data_ptr(identity),
-        n,
-        h,
-        w,
-        _data_ptr(result),
-        torch.get_num_threads(),
-    )
-    _check(plan, status)
-    return result
+    return _run_tail(plan, out, identity, (n, h, w), result)
 
 
 def _gc_plan(
@@ -1442,17 +1435,7 @@ def _native_gc_tail(
         return None
     n, _, h, w = y.shape
     out = y if inplace else torch.empty_like(y)
-    status = plan.kernel(
-        plan.address,
-        _data_ptr(y),
-        _data_ptr(identity),
-        n,
-        h * w,
-        _data_ptr(out),
-        torch.get_num_threads(),
-    )
-    _check(plan, status)
-    return out
+    return _run_tail(plan, y, identity, (n, h * w), out)
 
 
 def _residual_plan(
@@ -1478,18 +1461,7 @@ def _native_residual_tail(
     if plan is None or y.shape[1] != plan.info[0]:
         return None
     out = y if inplace else torch.empty_like(y)
-    p = math.prod(y.shape[2:])
-    status = plan.kernel(
-        plan.address,
-        _data_ptr(y),
-        _data_ptr(identity),
-        y.shape[0],
-        p,
-        _data_ptr(out),
-        torch.get_num_threads(),
-    )
-    _check(plan, status)
-    return out
+    return _run_tail(plan, y, identity, (y.shape[0], math.prod(y.shape[2:])), out)
 
 
 def _native_folded_tail(
