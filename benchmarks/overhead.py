@@ -247,8 +247,8 @@ def inference_table(args: argparse.Namespace, device: torch.device) -> None:
         x = torch.randn(batch, 3, size, size, device=device)
         repeats = inference_rounds(args, batch)
         # Every --rebuild-every rounds all networks are built anew: where their tensors land
-        # moves a network's time by a few percent for as long as it lives, so one set of
-        # instances per run made whole runs disagree by more than their intervals.
+        # moves a network's time by a few percent for as long as it lives. (Runs still drift
+        # apart by a few points with the machine's state, which no design here removes.)
         rounds: list[list[float]] = []
         index: dict[tuple[str, str], list[int]] = {}
         while len(rounds) < repeats:
