@@ -40,3 +40,42 @@ def bn_eval(x: torch.Tensor, bn: nn.Module, channel_dim: int = 1) -> torch.Tenso
     if bn.weight is not None:
         out = out * bn.weight.view(shape) + bn.bias.view(shape)
     return out
+
+
+def gc_transform(c: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """GCNet's transform W_v2 ReLU(LN(W_v1 c)) on a (N, C) context, from the ``prefix``
+    branch of a GlobalContext state dict; 1x1 convs written as matrix products."""
+    w1 = sd[f"{prefix}.0.weight"].flatten(1)
+    t = c @ w1.T + sd[f"{prefix}.0.bias"]
+    mean = t.mean(1, keepdim=True)
+    var = t.var(1, correction=0, keepdim=True)
+    t = (t - mean) / torch.sqrt(var + 1e-5)
+    t = t * sd[f"{prefix}.1.weight"].flatten() + sd[f"{prefix}.1.bias"].flatten()
+    t = torch.relu(t)
+    return t @ sd[f"{prefix}.3.weight"].flatten(1).T + sd[f"{prefix}.3.bias"]
+
+
+def gc_reference(
+    x: torch.Tensor, sd: dict[str, torch.Tensor], *, pooling: str, fusions: tuple[str, ...]
+) -> torch.Tensor:
+    """The GC block (GCNet eq. 4) from a GlobalContext state dict: softmax attention pooling
+    ("att") or the mean, then the ``mul`` and / or ``add`` fusions."""
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)  # (N, C, L)
+    if pooling == "att":
+        scores = torch.einsum("c,ncl->nl", sd["conv_mask.weight"].flatten(), flat)
+        scores = scores + sd["conv_mask.bias"]
+        weights = torch.exp(scores - scores.amax(1, keepdim=True))
+        weights = weights / weights.sum(1, keepdim=True)  # a_j
+        context = (flat * weights[:, None, :]).sum(-1)  # sum_j a_j x_j
+    else:
+        context = flat.mean(-1)
+    expand = [n, c] + [1] * (x.dim() - 2)
+    out = x
+    if "mul" in fusions:
+        out = out * (1 / (1 + torch.exp(-gc_transform(context, sd, "channel_mul_conv")))).reshape(
+            expand
+        )
+    if "add" in fusions:
+        out = out + gc_transform(context, sd, "channel_add_conv").reshape(expand)
+    return out

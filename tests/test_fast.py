@@ -12,7 +12,7 @@ from torch import nn
 
 import convattn
 import convattn.fast as fast_module
-from _reference import randomize
+from _reference import bn_eval, gc_reference, randomize
 from convattn.fast import (
     BNGateResidualReLU,
     block_forward,
@@ -730,31 +730,13 @@ def _gc_block_reference(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
     """A GC bottleneck in eval mode written from the equations: BatchNorm with running
     statistics, eq. 4 of the GCNet paper (softmax pooling, transform, add), residual, ReLU."""
 
-    def bn(m: nn.BatchNorm2d, t: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1, 1, 1)
-        normed = (t - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
-        return normed * m.weight.view(shape) + m.bias.view(shape)
-
     assert block.bn3 is not None and block.conv3 is not None
-    out = torch.relu(bn(block.bn1, block.conv1(x)))
-    out = torch.relu(bn(block.bn2, block.conv2(out)))
-    y = bn(block.bn3, block.conv3(out))
-    gc = block.attn
-    n, c = y.shape[:2]
-    w_k, b_k = gc.conv_mask.weight.view(1, c), gc.conv_mask.bias
-    scores = torch.einsum("oc,ncl->nl", w_k, y.flatten(2)) + b_k  # W_k x_j
-    a = torch.exp(scores - scores.amax(1, keepdim=True))
-    a = a / a.sum(1, keepdim=True)
-    context = torch.einsum("ncl,nl->nc", y.flatten(2), a)
-    conv1, norm, _, conv2 = gc.channel_add_conv
-    h = context @ conv1.weight.flatten(1).t() + conv1.bias
-    h = (h - h.mean(1, keepdim=True)) / torch.sqrt(
-        h.var(1, unbiased=False, keepdim=True) + norm.eps
-    )
-    h = torch.relu(h * norm.weight.flatten() + norm.bias.flatten())
-    term = h @ conv2.weight.flatten(1).t() + conv2.bias
+    out = torch.relu(bn_eval(block.conv1(x), block.bn1))
+    out = torch.relu(bn_eval(block.conv2(out), block.bn2))
+    y = bn_eval(block.conv3(out), block.bn3)
+    gc_out = gc_reference(y, block.attn.state_dict(), pooling="att", fusions=("add",))
     identity = x if block.downsample is None else block.downsample(x)
-    return torch.relu(y + term.view(n, c, 1, 1) + identity)
+    return torch.relu(gc_out + identity)
 
 
 def test_eval_gc_folds_batchnorm_into_the_tail() -> None:

@@ -6,46 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from _reference import randomize
+from _reference import gc_reference, randomize
 from convattn.layers.gc import GlobalContext
 from convattn.registry import create, info
-
-
-def transform(c: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    """W_v2 ReLU(LN(W_v1 c)) on a (N, C) context; 1x1 convs written as matrix products."""
-    w1 = sd[f"{prefix}.0.weight"].flatten(1)
-    t = c @ w1.T + sd[f"{prefix}.0.bias"]
-    mean = t.mean(1, keepdim=True)
-    var = t.var(1, correction=0, keepdim=True)
-    t = (t - mean) / torch.sqrt(var + 1e-5)
-    t = t * sd[f"{prefix}.1.weight"].flatten() + sd[f"{prefix}.1.bias"].flatten()
-    t = torch.relu(t)
-    return t @ sd[f"{prefix}.3.weight"].flatten(1).T + sd[f"{prefix}.3.bias"]
-
-
-def gc_reference(
-    x: torch.Tensor, sd: dict[str, torch.Tensor], *, pooling: str, fusions: tuple[str, ...]
-) -> torch.Tensor:
-    n, c = x.shape[:2]
-    flat = x.reshape(n, c, -1)  # (N, C, L)
-    if pooling == "att":
-        scores = torch.einsum("c,ncl->nl", sd["conv_mask.weight"].flatten(), flat)
-        scores = scores + sd["conv_mask.bias"]
-        weights = torch.exp(scores - scores.amax(1, keepdim=True))
-        weights = weights / weights.sum(1, keepdim=True)  # a_j
-        context = (flat * weights[:, None, :]).sum(-1)  # sum_j a_j x_j
-    else:
-        context = flat.mean(-1)
-    expand = [n, c] + [1] * (x.dim() - 2)
-    out = x
-    if "mul" in fusions:
-        out = out * (1 / (1 + torch.exp(-transform(context, sd, "channel_mul_conv")))).reshape(
-            expand
-        )
-    if "add" in fusions:
-        out = out + transform(context, sd, "channel_add_conv").reshape(expand)
-    return out
-
 
 FUSIONS = [("add",), ("mul",), ("add", "mul")]
 

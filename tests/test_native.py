@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _reference import bn_eval, gc_reference
 from convattn import _native
 from convattn.fast import (
     _CbamTailNative,
@@ -553,20 +554,10 @@ def _gc_eval_reference(
     attn: nn.Module, bn: nn.BatchNorm2d, y: torch.Tensor, identity: torch.Tensor
 ) -> torch.Tensor:
     """relu(GC(BN(y)) + identity), eval mode, from the GCNet paper's eq. 4 (add fusion)."""
-    x = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
-    x = x * bn.weight[:, None, None] + bn.bias[:, None, None]
-    n, c = x.shape[:2]
-    mask = attn.conv_mask
-    scores = torch.einsum("c,ncl->nl", mask.weight.flatten(), x.flatten(2)) + mask.bias
-    context = torch.einsum("ncl,nl->nc", x.flatten(2), torch.softmax(scores, 1))
-    conv1, norm, _, conv2 = attn.channel_add_conv
-    h = context @ conv1.weight.flatten(1).t() + conv1.bias
-    h = (h - h.mean(1, keepdim=True)) / torch.sqrt(
-        h.var(1, unbiased=False, keepdim=True) + norm.eps
+    x = bn_eval(y, bn)
+    return torch.relu(
+        gc_reference(x, attn.state_dict(), pooling="att", fusions=("add",)) + identity
     )
-    h = torch.relu(h * norm.weight.flatten() + norm.bias.flatten())
-    term = h @ conv2.weight.flatten(1).t() + conv2.bias
-    return torch.relu(x + term.view(n, c, 1, 1) + identity)
 
 
 @requires_native
@@ -646,9 +637,7 @@ def test_native_residual_tail_of_a_block_without_attention() -> None:
         bn.running_var.uniform_(0.2, 3)
     y, identity = torch.randn(3, 24, 7, 9), torch.randn(3, 24, 7, 9)
     slot = nn.Identity()
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    shift = bn.bias.double() - bn.running_mean.double() * scale
-    want = torch.relu(y.double() * scale.view(-1, 1, 1) + shift.view(-1, 1, 1) + identity.double())
+    want = torch.relu(bn_eval(y.double(), copy.deepcopy(bn).double()) + identity.double())
     with torch.no_grad():
         got = _native_residual_tail(slot, bn, y, identity, inplace=False)
         assert got is not None and got.data_ptr() != y.data_ptr()
