@@ -23,16 +23,6 @@ static inline float dot_product(const float *restrict a, const float *restrict b
     return acc;
 }
 
-/* Work items over the P positions of an image for a reduction across channels: blocks of at
-   most POSITION_BLOCK positions (the items' stack arrays), and at least as many blocks as
-   threads, so that batch 1 keeps every thread busy. */
-#define POSITION_BLOCK 256
-
-static inline long position_block(long P, long threads) {
-    long block = (P + threads - 1) / threads;
-    return block < POSITION_BLOCK ? block : POSITION_BLOCK;
-}
-
 /* An eval-mode BatchNorm read from its own tensors at every call (so in-place updates are
    seen without a cache to refresh): bn(y) = y * a + b per channel, a = weight / sqrt(var +
    eps), b = bias - mean * a (as PyTorch folds it in float); weight, bias NULL: 1, 0; mean NULL:
