@@ -1998,7 +1998,7 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         identity = block.downsample(block.pre_downsample(x))
     native = getattr(block, "fast_native", True)
     if plain:  # no attention
-        if native and not grad and identity.shape == out.shape:
+        if native and not grad:
             result = _native_residual_tail(attn, last_bn, out, identity, _fresh_map(block))
             if result is not None:
                 return result
@@ -2015,7 +2015,7 @@ def block_forward(block: _Block, x: torch.Tensor) -> torch.Tensor | None:
         if result is None:  # BN in eval mode or hooked: finish the plain way
             result = block.relu(attn(last_bn(out)) + identity)
         return result
-    if native and owned and identity.shape == out.shape:
+    if native and owned:
         # the last BatchNorm (exactly nn.BatchNorm2d, unhooked) folded into a native kernel
         result = _native_folded_tail(attn, last_bn, out, identity, _fresh_map(block))
         if result is not None:
