@@ -176,10 +176,15 @@ def test_bn_gate_residual_relu_gradcheck(inplace: bool, gate_shape: str) -> None
         torch.testing.assert_close(a, b)
 
 
-def test_channel_gate_gradient_is_centred() -> None:
+@pytest.mark.parametrize("sums", ["aten", "direct"])  # direct: the GPU's implementation
+def test_channel_gate_gradient_is_centred(sums: str) -> None:
     """The gate's gradient ``sum_hw(masked * BN(c))`` in float32 for a BatchNorm input whose
     mean is 1000 times its spread, against float64 from the definition: summing ``masked * c``
     and subtracting the mean's share afterwards would lose three digits here."""
+    function = {
+        "aten": fast_module._channel_gate_grad,
+        "direct": fast_module._channel_gate_grad_sums,
+    }[sums]
     torch.manual_seed(0)
     n, ch, h, w = 4, 8, 16, 16
     c = torch.randn(n, ch, h, w) + 1000
@@ -188,7 +193,7 @@ def test_channel_gate_gradient_is_centred() -> None:
     # the statistics as a float32 BatchNorm holds them; the reference uses the same values
     mean = c.double().mean((0, 2, 3)).float().double()
     invstd = (c.double().var((0, 2, 3), correction=0) + 1e-5).rsqrt().float().double()
-    got = fast_module._channel_gate_grad(masked, c, weight, bias, mean.float(), invstd.float())
+    got = function(masked, c, weight, bias, mean.float(), invstd.float())
     bn = (c.double() - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
     bn = bn * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
     expected = (masked.double() * bn).sum((2, 3), keepdim=True)

@@ -270,7 +270,11 @@ def _channel_gate_grad(
     mean) * invstd) + b * sum_hw(masked)``, and those two sums are the weight and bias
     gradients of a BatchNorm over the ``N * C`` maps as channels of one image (ATen's
     backward, centred like the forward, in one pass that reads ``masked`` and ``c`` and writes
-    nothing of map size, where rebuilding, multiplying and summing take four)."""
+    nothing of map size, where rebuilding, multiplying and summing take four). ATen's CUDA
+    backward takes no such call (it needs the weight), so on a GPU the sums are taken
+    directly, centred alike."""
+    if c.device.type != "cpu":
+        return _channel_gate_grad_sums(masked, c, weight, bias, mean, invstd)
     n, ch, h, w = c.shape
     _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         masked.view(1, n * ch, h, w),
@@ -289,6 +293,26 @@ def _channel_gate_grad(
         grad = grad * weight
     if bias is not None:
         grad = grad.add_(grad_b.view(n, ch) * bias)
+    return grad.view(n, ch, 1, 1)
+
+
+def _channel_gate_grad_sums(
+    masked: torch.Tensor,
+    c: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_channel_gate_grad` by its two sums, ``w * sum_hw(masked * (c - mean) *
+    invstd) + b * sum_hw(masked)`` (used off the CPU)."""
+    n, ch = c.shape[:2]
+    centred = (c - mean.view(1, ch, 1, 1)).mul_(invstd.view(1, ch, 1, 1))
+    grad = (masked * centred).sum((2, 3))
+    if weight is not None:
+        grad = grad * weight
+    if bias is not None:
+        grad = grad.add_(masked.sum((2, 3)) * bias)
     return grad.view(n, ch, 1, 1)
 
 
@@ -619,7 +643,10 @@ def _matmul_images(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.matmul(a, b)`` for a batch ``b`` of ``(K, M)`` matrices and ``a`` either one
     ``(P, K)`` matrix or a batch: one 2-D product per image, written into one output. Inside
     ResNet-50 at batch 8 the batched product was about 6x slower (it page-faulted a buffer the
-    size of the feature map on every call)."""
+    size of the feature map on every call). Elsewhere (a GPU) one batched product: a launch
+    per image would cost more than the products."""
+    if b.device.type != "cpu":
+        return torch.matmul(a, b)
     if a.dim() == 2:
         a = a.expand(b.shape[0], *a.shape)
     out = torch.empty(b.shape[0], a.shape[1], b.shape[2], dtype=b.dtype, device=b.device)
@@ -1541,8 +1568,11 @@ def _eval_attention_tail(
         channel_weights = _channel_gate(attn.cse, out)
         spatial_weights = _spatial_gate(attn.sse, out)
         fused = out if owned else torch.empty_like(out)
-        for i in range(out.shape[0]):  # one image's temporary at a time, not the batch's
-            _scse_fuse(out[i], channel_weights[i], spatial_weights[i], attn.fusion, fused[i])
+        if out.device.type != "cpu":  # one launch per step for the batch (a GPU)
+            _scse_fuse(out, channel_weights, spatial_weights, attn.fusion, fused)
+        else:  # one image's temporary at a time, not the batch's
+            for i in range(out.shape[0]):
+                _scse_fuse(out[i], channel_weights[i], spatial_weights[i], attn.fusion, fused[i])
         return fused.add_(identity).relu_()
     if (
         isinstance(attn, GlobalContext)

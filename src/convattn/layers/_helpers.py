@@ -285,7 +285,10 @@ def mean_amax_backward(
         assert share is not None  # autograd calls backward only with some gradient
         return share.expand_as(x)
     mask = x == result_max
-    if int(torch.count_nonzero(mask)) != result_max.numel():  # ties: share the gradient
+    # Ties share the gradient. On the CPU, counting all maxima once tells whether any slice
+    # has a tie; elsewhere (a GPU) reading that count back would stall the stream, so the
+    # per-slice counts are always divided by (by 1 where there is no tie: the same values).
+    if x.device.type != "cpu" or int(torch.count_nonzero(mask)) != result_max.numel():
         grad_max = grad_max / mask.sum(dims, keepdim=True, dtype=grad_max.dtype)
     if share is None:
         return torch.where(mask, grad_max, 0)
