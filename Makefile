@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint typecheck check readme compat clean
+.PHONY: demo test test-slow test-cuda lint typecheck check readme compat clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# the CUDA tests (tests/test_cuda.py): skipped on machines without a GPU, as in `make test`
+test-cuda: $(STAMP)
+	$(PY) -m pytest -q -m cuda -rs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
