@@ -370,6 +370,38 @@ def test_native_eval_tail_matches_the_equations(
 
 
 @requires_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize(("shape", "kernel_size"), [((3, 32, 5, 4), 3), ((2, 6, 3, 3), 9)])
+def test_native_eca_pipeline_across_threads(
+    threads: int, shape: tuple[int, ...], kernel_size: int
+) -> None:
+    """ECA's tail squeezes and applies channel by channel, each thread over its share of the
+    (image, channel) rows and the (K - 1) / 2 rows beside it, which its neighbours overwrite
+    in place: every split (shares ending inside an image, windows wider than the image's
+    channels, threads without rows) equals the equations, and in place equals out of place."""
+    torch.manual_seed(threads + kernel_size)
+    attn = create("eca", channels=shape[1], kernel_size=kernel_size).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    x, identity = torch.randn(shape), torch.randn(shape)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            got = _native_channel_tail(attn, x, identity, owned=False)
+            owned = x.clone()
+            got_inplace = _native_channel_tail(attn, owned, identity, owned=True)
+    finally:
+        torch.set_num_threads(before)
+    assert got is not None and got_inplace is owned
+    with torch.no_grad():
+        want = _eval_tail_reference(copy.deepcopy(attn).double(), x.double(), identity.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_inplace, got, rtol=0, atol=0)
+
+
+@requires_native
 def test_native_eval_tail_steps_aside() -> None:
     """Layers the kernel does not know, float64, non-contiguous maps and hooks: None."""
     x, identity = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)

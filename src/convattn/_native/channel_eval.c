@@ -8,6 +8,10 @@
      out = relu(x * g + identity)                     (SE, ECA)
          or relu(max(x * g, x * s) + identity), or relu(x * g + x * s + identity)   (scSE)
 
+   ECA without sSE runs as a pipeline over channels (eca_pipeline), which reads the map from
+   memory once; the others squeeze the whole map, then apply it, in chunks of images that
+   stay in cache between the two passes.
+
    Inside a network at batch 1 every PyTorch operation costs tens of microseconds of
    dispatch, and MKL runs the MLP's matrix-vector products on one thread; here the work runs
    in one OpenMP region of PyTorch's thread pool (see cbam_train.c), phase after phase.
@@ -54,6 +58,75 @@ typedef struct {
     float *out;
 } tail_args;
 
+/* mean_p (v[p] * xa + xb): a channel's squeeze, its BatchNorm formed in registers */
+static inline float row_mean(const float *restrict v, float xa, float xb, long P) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (long p = 0; p < P; p++) acc += v[p] * xa + xb;
+    return acc / (float)P;
+}
+
+/* out = relu((v * xa + xb) * g + id) over one channel's P positions; out may be v */
+static inline void apply_row(const float *v, const float *restrict id, float *out, float xa,
+                             float xb, float g, long P) {
+#pragma omp simd
+    for (long p = 0; p < P; p++) {
+        float t = (v[p] * xa + xb) * g + id[p];
+        out[p] = t > 0.0f ? t : 0.0f;
+    }
+}
+
+/* ECA without sSE, as a pipeline over channels: ECA's weight for channel c needs only the
+   squeezes of channels c - pad .. c + pad, so each thread walks its share of the (image,
+   channel) rows in order, squeezing row j and then applying row j - pad, which it read pad
+   rows ago and still finds in its core's cache. The map is read from memory once, at any
+   batch. zl is the thread's window of squeezes (zero beyond the image's channels, as the
+   convolution's zero padding); the pad rows on either side of its share belong to its
+   neighbours, who may write over them (out may be x), so every thread squeezes those first
+   (into the window's start and into hb), and all wait for each other before writing. */
+static void eca_pipeline(const tail_args *a, float *zl, float *hb) {
+    const channel_plan *pl = a->plan;
+    long C = pl->C, P = a->P, rows = a->N * C, K = pl->K, pad = (K - 1) / 2;
+    int tid = omp_get_thread_num(), threads = omp_get_num_threads();
+    long r0 = rows * tid / threads, r1 = rows * (tid + 1) / threads;
+    float bias = pl->kernel_bias ? pl->kernel_bias[0] : 0.0f;
+    const float *bn_a = a->bn_a, *bn_b = a->bn_b;
+    if (r1 > r0) {
+        long first = r0 % C, last = (r1 - 1) % C + 1; /* channel range ends of the share */
+        const float *x0 = a->x + (r0 / C) * C * P, *x1 = a->x + ((r1 - 1) / C) * C * P;
+        for (long j = first - pad; j < first; j++)
+            zl[j - first + pad] = j >= 0 ? row_mean(x0 + j * P, bn_a[j], bn_b[j], P) : 0.0f;
+        for (long j = last; j < last + pad && j < C; j++)
+            hb[j - last] = row_mean(x1 + j * P, bn_a[j], bn_b[j], P);
+    }
+#pragma omp barrier
+    for (long r = r0; r < r1;) {
+        long n = r / C, c0 = r % C, c1 = c0 + (r1 - r) < C ? c0 + (r1 - r) : C, lo = c0 - pad;
+        long image = n * C * P;
+        const float *x = a->x + image, *id = a->identity + image;
+        float *out = a->out + image;
+        int at_start = r == r0, at_end = r + (c1 - c0) == r1;
+        for (long j = lo; j < c1 + pad; j++) {
+            if (j < 0 || j >= C)
+                zl[j - lo] = 0.0f;
+            else if (j >= c1 && at_end)
+                zl[j - lo] = hb[j - c1];
+            else if (j >= c0 || !at_start)
+                zl[j - lo] = row_mean(x + j * P, bn_a[j], bn_b[j], P);
+            long i = j - pad; /* the channel whose window of squeezes is now complete */
+            if (i < c0) continue;
+            float t = 0.0f;
+            for (long k = 0; k < K; k++) {
+                long src = i + k - pad;
+                if (src >= 0 && src < C) t += pl->kernel[k] * zl[src - lo];
+            }
+            float g = gate_value(t + bias, (int)pl->gate);
+            apply_row(x + i * P, id + i * P, out + i * P, bn_a[i], bn_b[i], g, P);
+        }
+        r += c1 - c0;
+    }
+}
+
 static void run(const tail_args *a) {
     const channel_plan *pl = a->plan;
     long N = a->N, C = pl->C, P = a->P, R = pl->R, rows = N * C;
@@ -61,6 +134,11 @@ static void run(const tail_args *a) {
     const float *bn_a = a->bn_a, *bn_b = a->bn_b;
 #pragma omp for schedule(static)
     for (long c = 0; c < C; c++) eval_norm_fold(&pl->bn, c, a->bn_a + c, a->bn_b + c);
+    if (pl->excitation == 1 && !pl->sse_w) { /* ECA: `stride` floats per thread, zl then hb */
+        float *zl = a->z + (long)tid * a->stride;
+        eca_pipeline(a, zl, zl + (C + pl->K + 15) / 16 * 16);
+        return;
+    }
     float *part = pl->sse_w ? a->s_part + (long)tid * a->stride : NULL;
     if (part)
         for (long i = 0; i < N * P; i++) part[i] = 0.0f;
@@ -69,10 +147,7 @@ static void run(const tail_args *a) {
     for (long r = 0; r < rows; r++) {
         const float *restrict v = a->x + r * P;
         float xa = bn_a[r % C], xb = bn_b[r % C];
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (long p = 0; p < P; p++) acc += v[p] * xa + xb;
-        a->z[r] = acc / (float)P;
+        a->z[r] = row_mean(v, xa, xb, P);
         if (part) {
             float w = pl->sse_w[r % C];
             float *restrict dst = part + (r / C) * P;
@@ -126,11 +201,7 @@ static void run(const tail_args *a) {
         float g = a->g[r];
         float xa = bn_a[r % C], xb = bn_b[r % C];
         if (!pl->sse_w) {
-#pragma omp simd
-            for (long p = 0; p < P; p++) {
-                float t = (v[p] * xa + xb) * g + id[p];
-                out[p] = t > 0.0f ? t : 0.0f;
-            }
+            apply_row(v, id, out, xa, xb, g, P);
         } else {
             const float *restrict s = a->s + (r / C) * P;
             if (pl->fusion == 0) {
@@ -155,6 +226,21 @@ int channel_eval_tail(const channel_plan *plan, const float *x, const float *ide
                       long P, float *out, int nthreads) {
     long C = plan->C, R = plan->R;
     if (nthreads < 1) nthreads = 1;
+    if (plan->excitation == 1 && !plan->sse_w) {
+        /* ECA's pipeline reads the map once: the whole batch in one region; workspace 2C
+           (BatchNorm), then per thread, on its own cache lines, a window of C + K - 1
+           squeezes and the (K - 1) / 2 after its share */
+        long head = (2 * C + 15) / 16 * 16;
+        long window = (C + plan->K + 15) / 16 * 16 + (plan->K / 2 + 16) / 16 * 16;
+        float *work = workspace(head + nthreads * window);
+        if (!work) return -1;
+        tail_args a = {plan, x, identity, N, P, work, work + C, work + head, NULL, NULL,
+                       NULL, NULL, window, out};
+#pragma omp parallel num_threads(nthreads)
+        run(&a);
+        free(work);
+        return 0;
+    }
     long chunk = images_per_chunk(N, C, P);
     long stride = (chunk * P + 15) / 16 * 16; /* 16 floats: 64 bytes */
     /* workspace (for a chunk of images): 2C (BatchNorm) + NC (z) + NR (hidden) + NC (g), then
