@@ -36,6 +36,8 @@ timm has no scSE; its column says n/a.
     python benchmarks/overhead.py                 # the full run (about 20 minutes on 2 cores)
     python benchmarks/overhead.py --quick         # smoke run: small inputs, few rounds
     python benchmarks/overhead.py --device cuda   # the same ratios on a GPU
+    python benchmarks/overhead.py --batches 8 --mechanisms eca --skip training memory
+                                                  # one mechanism, more rounds in the time
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ def build_contenders(
     network sharing its backbone tensors with the plain instance of its index (unless
     ``--no-share-backbone``)."""
     models: dict[tuple[str, str], list[nn.Module]] = {}
-    for m in ["plain", *GOALS]:
+    for m in ["plain", *args.mechanisms]:
         mech = None if m == "plain" else m
         models["ca", m] = [
             convattn_model("resnet50", mech).to(device) for _ in range(args.instances)
@@ -272,7 +274,7 @@ def inference_table(args: argparse.Namespace, device: torch.device) -> None:
         )
         print(header)
         print("-" * len(header))
-        for m in GOALS:
+        for m in args.mechanisms:
             ca = (paired_ratio(rounds, index["ca", m], index["ca", "plain"]) - 1) * 100
             low, high = ratio_interval(rounds, index["ca", m], index["ca", "plain"])
             interval = f"[{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]"
@@ -418,6 +420,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["inference", "training", "memory"]
+    )
+    parser.add_argument(
+        "--mechanisms",
+        nargs="+",
+        default=list(GOALS),
+        choices=list(GOALS),
+        help="inference: the attention networks to time against the plain one (default: all)",
     )
     args = parser.parse_args()
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
