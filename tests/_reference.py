@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -79,3 +80,46 @@ def gc_reference(
     if "add" in fusions:
         out = out + gc_transform(context, sd, "channel_add_conv").reshape(expand)
     return out
+
+
+def fast_path_model(name: str, attention: str | None, **options: object) -> nn.Module:
+    """A reference backbone with ``attention`` in every block (sSE-like mechanisms at the
+    block end) whose zero-initialised weights and BatchNorm affines are made random, so that
+    every path of a fast-path comparison carries signal."""
+    from convattn.models import create_model
+
+    placement = "block_end" if attention in ("scse", "sse", "cse", "spatial") else None
+    model = create_model(
+        name, attention=attention, attention_options=options or None, placement=placement
+    )
+    torch.manual_seed(1)
+    for param in model.parameters():
+        if param.dim() > 1 and not param.abs().sum():
+            nn.init.normal_(param, 0, 0.05)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.2, 0.2)
+    return model
+
+
+def assert_training_agrees(
+    fast: nn.Module, direct: nn.Module, x: torch.Tensor, target: torch.Tensor
+) -> None:
+    """Two cross-entropy training steps of ``fast`` and ``direct`` (float64) give the same
+    outputs, the same parameter gradients and the same running statistics (two steps, so
+    that ``num_batches_tracked`` and the statistics evolve alike)."""
+    for _ in range(2):
+        outs = []
+        for model in (fast, direct):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            F.cross_entropy(out, target).backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    for (name, p), (_, q) in zip(fast.named_parameters(), direct.named_parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for (name, a), (_, b) in zip(fast.named_buffers(), direct.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)

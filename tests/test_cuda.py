@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convattn
+from _reference import assert_training_agrees, fast_path_model
 from convattn import export
 from convattn.fast import block_forward, set_fast_paths
 from convattn.models import create_model
@@ -124,17 +125,7 @@ def test_channels_last_on_cuda_equals_contiguous(name: str) -> None:
 
 
 def _block_model(attention: str | None, dtype: torch.dtype = torch.float64) -> nn.Module:
-    placement = "block_end" if attention in ("scse", "sse", "cse", "spatial") else None
-    model = create_model("cifar_resnet20", attention=attention, placement=placement)
-    torch.manual_seed(1)
-    for param in model.parameters():  # undo zero inits so that every path carries signal
-        if param.dim() > 1 and not param.abs().sum():
-            nn.init.normal_(param, 0, 0.05)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.2, 0.2)
-    return model.to(CUDA, dtype)
+    return fast_path_model("cifar_resnet20", attention).to(CUDA, dtype)
 
 
 @pytest.mark.parametrize("attention", BLOCK_MECHANISMS)
@@ -150,21 +141,7 @@ def test_fast_paths_on_cuda_equal_direct(attention: str | None) -> None:
         block.eval()
         assert block_forward(block, probe) is not None  # the fast path runs on CUDA tensors
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64, device=CUDA)
-    target = torch.tensor([0, 3, 5, 9], device=CUDA)
-    for _ in range(2):
-        outs = []
-        for model in (fast, direct):
-            model.train()
-            model.zero_grad(set_to_none=True)
-            out = model(x)
-            F.cross_entropy(out, target).backward()
-            outs.append(out)
-        torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
-    for (name, p), (_, q) in zip(fast.named_parameters(), direct.named_parameters(), strict=True):
-        assert p.grad is not None and q.grad is not None, name
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
-    for (name, a), (_, b) in zip(fast.named_buffers(), direct.named_buffers(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert_training_agrees(fast, direct, x, torch.tensor([0, 3, 5, 9], device=CUDA))
     fast.eval()
     direct.eval()
     with torch.inference_mode():

@@ -12,7 +12,13 @@ from torch import nn
 
 import convattn
 import convattn.fast as fast_module
-from _reference import bn_eval, gc_reference, randomize
+from _reference import (
+    assert_training_agrees,
+    bn_eval,
+    fast_path_model,
+    gc_reference,
+    randomize,
+)
 from convattn.fast import (
     BNGateResidualReLU,
     block_forward,
@@ -29,19 +35,7 @@ MECHANISMS = [None, "se", "eca", "cbam", "gc", "scse", "sse", "cse", "spatial", 
 
 
 def _model(name: str, attention: str | None, **options: object) -> nn.Module:
-    placement = "block_end" if attention in ("scse", "sse", "cse", "spatial") else None
-    model = create_model(
-        name, attention=attention, attention_options=options or None, placement=placement
-    )
-    torch.manual_seed(1)
-    for param in model.parameters():  # undo zero inits so that every path carries signal
-        if param.dim() > 1 and not param.abs().sum():
-            nn.init.normal_(param, 0, 0.05)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.2, 0.2)
-    return model.double()
+    return fast_path_model(name, attention, **options).double()
 
 
 def _pair(name: str, attention: str | None) -> tuple[nn.Module, nn.Module]:
@@ -86,21 +80,7 @@ def test_eval_outputs_equal_direct_variants(attention: str, options: dict[str, o
 def test_train_outputs_gradients_and_running_stats_equal_direct(attention: str | None) -> None:
     fast, direct = _pair("cifar_resnet20", attention)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    target = torch.tensor([0, 3, 5, 9])
-    for _ in range(2):  # two steps: num_batches_tracked and running stats evolve alike
-        outs = []
-        for model in (fast, direct):
-            model.train()
-            model.zero_grad(set_to_none=True)
-            out = model(x)
-            F.cross_entropy(out, target).backward()
-            outs.append(out)
-        torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
-    for (name, p), (_, q) in zip(fast.named_parameters(), direct.named_parameters(), strict=True):
-        assert p.grad is not None and q.grad is not None, name
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
-    for (name, a), (_, b) in zip(fast.named_buffers(), direct.named_buffers(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert_training_agrees(fast, direct, x, torch.tensor([0, 3, 5, 9]))
 
 
 @pytest.mark.parametrize("attention", ["se", "cbam", "gc"])
@@ -176,15 +156,11 @@ def test_bn_gate_residual_relu_gradcheck(inplace: bool, gate_shape: str) -> None
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("sums", ["aten", "direct"])  # direct: the GPU's implementation
-def test_channel_gate_gradient_is_centred(sums: str) -> None:
+@pytest.mark.parametrize("aten", [True, False])  # False: the GPU's route
+def test_channel_gate_gradient_is_centred(aten: bool) -> None:
     """The gate's gradient ``sum_hw(masked * BN(c))`` in float32 for a BatchNorm input whose
     mean is 1000 times its spread, against float64 from the definition: summing ``masked * c``
     and subtracting the mean's share afterwards would lose three digits here."""
-    function = {
-        "aten": fast_module._channel_gate_grad,
-        "direct": fast_module._channel_gate_grad_sums,
-    }[sums]
     torch.manual_seed(0)
     n, ch, h, w = 4, 8, 16, 16
     c = torch.randn(n, ch, h, w) + 1000
@@ -193,7 +169,9 @@ def test_channel_gate_gradient_is_centred(sums: str) -> None:
     # the statistics as a float32 BatchNorm holds them; the reference uses the same values
     mean = c.double().mean((0, 2, 3)).float().double()
     invstd = (c.double().var((0, 2, 3), correction=0) + 1e-5).rsqrt().float().double()
-    got = function(masked, c, weight, bias, mean.float(), invstd.float())
+    got = fast_module._channel_gate_grad(
+        masked, c, weight, bias, mean.float(), invstd.float(), aten=aten
+    )
     bn = (c.double() - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
     bn = bn * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
     expected = (masked.double() * bn).sum((2, 3), keepdim=True)

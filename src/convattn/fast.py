@@ -264,55 +264,42 @@ def _channel_gate_grad(
     bias: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
+    *,
+    aten: bool | None = None,
 ) -> torch.Tensor:
     """``sum_hw(masked * BN(c))`` per image and channel, ``(N, C, 1, 1)``, without rebuilding
     ``BN(c)``: with ``BN(c) = w * (c - mean) * invstd + b`` it is ``w * sum_hw(masked * (c -
-    mean) * invstd) + b * sum_hw(masked)``, and those two sums are the weight and bias
-    gradients of a BatchNorm over the ``N * C`` maps as channels of one image (ATen's
-    backward, centred like the forward, in one pass that reads ``masked`` and ``c`` and writes
-    nothing of map size, where rebuilding, multiplying and summing take four). ATen's CUDA
-    backward takes no such call (it needs the weight), so on a GPU the sums are taken
-    directly, centred alike."""
-    if c.device.type != "cpu":
-        return _channel_gate_grad_sums(masked, c, weight, bias, mean, invstd)
+    mean) * invstd) + b * sum_hw(masked)``. On the CPU (``aten`` None) or with ``aten``, those
+    two sums are the weight and bias gradients of a BatchNorm over the ``N * C`` maps as
+    channels of one image (ATen's backward, centred like the forward, in one pass that reads
+    ``masked`` and ``c`` and writes nothing of map size, where rebuilding, multiplying and
+    summing take four). ATen's CUDA backward takes no such call (it needs the weight), so
+    elsewhere the sums are taken directly, centred alike."""
     n, ch, h, w = c.shape
-    _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-        masked.view(1, n * ch, h, w),
-        c.view(1, n * ch, h, w),
-        None,
-        None,
-        None,
-        mean.repeat(n),
-        invstd.repeat(n),
-        True,
-        0.0,
-        [False, True, bias is not None],
-    )
+    if aten is None:
+        aten = c.device.type == "cpu"
+    if aten:
+        _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            masked.view(1, n * ch, h, w),
+            c.view(1, n * ch, h, w),
+            None,
+            None,
+            None,
+            mean.repeat(n),
+            invstd.repeat(n),
+            True,
+            0.0,
+            [False, True, bias is not None],
+        )
+    else:
+        centred = (c - mean.view(1, ch, 1, 1)).mul_(invstd.view(1, ch, 1, 1))
+        grad_w = (masked * centred).sum((2, 3))
+        grad_b = masked.sum((2, 3)) if bias is not None else None
     grad = grad_w.view(n, ch)
     if weight is not None:
         grad = grad * weight
     if bias is not None:
         grad = grad.add_(grad_b.view(n, ch) * bias)
-    return grad.view(n, ch, 1, 1)
-
-
-def _channel_gate_grad_sums(
-    masked: torch.Tensor,
-    c: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`_channel_gate_grad` by its two sums, ``w * sum_hw(masked * (c - mean) *
-    invstd) + b * sum_hw(masked)`` (used off the CPU)."""
-    n, ch = c.shape[:2]
-    centred = (c - mean.view(1, ch, 1, 1)).mul_(invstd.view(1, ch, 1, 1))
-    grad = (masked * centred).sum((2, 3))
-    if weight is not None:
-        grad = grad * weight
-    if bias is not None:
-        grad = grad.add_(masked.sum((2, 3)) * bias)
     return grad.view(n, ch, 1, 1)
 
 
