@@ -33,7 +33,7 @@ from convattn.layers.channel import ChannelAttention
 from convattn.layers.scse import ChannelSpatialSE
 from convattn.layers.se import SEModule
 from convattn.models import create_model
-from convattn.profile import TensorMemoryTracker
+from convattn.profile import TensorMemoryTracker, _num_threads
 from convattn.registry import create
 
 
@@ -174,15 +174,11 @@ def test_native_results_agree_across_thread_counts() -> None:
     bn, attn = _tail_parts(16, seed=3)
     c, identity, grad = (torch.randn(6, 16, 20, 20) for _ in range(3))
     results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
+    for count in (1, 2, 3):
+        with _num_threads(count):
             results.append(
                 _grads(_native_tail, c, identity, copy.deepcopy(bn), copy.deepcopy(attn), grad)
             )
-    finally:
-        torch.set_num_threads(threads)
     # the kernels split images between threads; PyTorch's own parts (the convolution) may
     # round differently with another thread count
     for y, got in results[1:]:
@@ -385,15 +381,10 @@ def test_native_eca_pipeline_across_threads(
         for p in attn.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     x, identity = torch.randn(shape), torch.randn(shape)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            got = _native_channel_tail(attn, x, identity, owned=False)
-            owned = x.clone()
-            got_inplace = _native_channel_tail(attn, owned, identity, owned=True)
-    finally:
-        torch.set_num_threads(before)
+    with _num_threads(threads), torch.no_grad():
+        got = _native_channel_tail(attn, x, identity, owned=False)
+        owned = x.clone()
+        got_inplace = _native_channel_tail(attn, owned, identity, owned=True)
     assert got is not None and got_inplace is owned
     with torch.no_grad():
         want = _eval_tail_reference(copy.deepcopy(attn).double(), x.double(), identity.double())
@@ -691,10 +682,11 @@ def test_native_residual_tail_of_a_block_without_attention() -> None:
 @requires_native
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("shape", [(2, 64, 1, 1), (1, 32, 40, 40), (3, 32, 17, 23)])
-def test_native_gc_online_softmax_across_threads(threads: int, shape: tuple[int, ...]) -> None:
-    """GC's kernel sums the context over blocks of positions with an online softmax, per
-    thread, and merges the threads' sums: every split (threads without a block among them,
-    many blocks a thread, peaked scores) gives the paper's softmax context."""
+def test_native_gc_tail_across_threads(threads: int, shape: tuple[int, ...]) -> None:
+    """GC's kernel splits channel rows between threads, each summing its rows' scores into
+    a partial score map of its own, and the softmax context comes from their sum: every
+    split (threads without rows among them, peaked scores) gives the paper's softmax
+    context."""
     torch.manual_seed(threads + shape[2])
     attn = create("gc", channels=shape[1]).eval()
     bn = nn.BatchNorm2d(shape[1]).eval()
@@ -707,13 +699,8 @@ def test_native_gc_online_softmax_across_threads(threads: int, shape: tuple[int,
     want = _gc_eval_reference(
         copy.deepcopy(attn).double(), copy.deepcopy(bn).double(), y.double(), identity.double()
     )
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            got = _native_gc_tail(attn, bn, y, identity)
-    finally:
-        torch.set_num_threads(before)
+    with _num_threads(threads), torch.no_grad():
+        got = _native_gc_tail(attn, bn, y, identity)
     assert got is not None
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
