@@ -84,6 +84,13 @@ static inline void apply_row(const float *v, const float *restrict id, float *ou
    convolution's zero padding); the pad rows on either side of its share belong to its
    neighbours, who may write over them (out may be x), so every thread squeezes those first
    (into the window's start and into hb), and all wait for each other before writing. */
+/* The per-thread workspace of eca_pipeline, each part from a cache-line boundary: the
+   window of squeezes (C + K - 1 at most), then the (K - 1) / 2 squeezes after the share. */
+static inline long eca_window(long C, long K) { return (C + K + 15) / 16 * 16; }
+static inline long eca_stride(long C, long K) {
+    return eca_window(C, K) + (K / 2 + 16) / 16 * 16;
+}
+
 static void eca_pipeline(const tail_args *a, float *zl, float *hb) {
     const channel_plan *pl = a->plan;
     long C = pl->C, P = a->P, rows = a->N * C, K = pl->K, pad = (K - 1) / 2;
@@ -134,9 +141,9 @@ static void run(const tail_args *a) {
     const float *bn_a = a->bn_a, *bn_b = a->bn_b;
 #pragma omp for schedule(static)
     for (long c = 0; c < C; c++) eval_norm_fold(&pl->bn, c, a->bn_a + c, a->bn_b + c);
-    if (pl->excitation == 1 && !pl->sse_w) { /* ECA: `stride` floats per thread, zl then hb */
+    if (pl->excitation == 1 && !pl->sse_w) { /* ECA: a->stride floats per thread, zl then hb */
         float *zl = a->z + (long)tid * a->stride;
-        eca_pipeline(a, zl, zl + (C + pl->K + 15) / 16 * 16);
+        eca_pipeline(a, zl, zl + eca_window(C, pl->K));
         return;
     }
     float *part = pl->sse_w ? a->s_part + (long)tid * a->stride : NULL;
@@ -228,14 +235,12 @@ int channel_eval_tail(const channel_plan *plan, const float *x, const float *ide
     if (nthreads < 1) nthreads = 1;
     if (plan->excitation == 1 && !plan->sse_w) {
         /* ECA's pipeline reads the map once: the whole batch in one region; workspace 2C
-           (BatchNorm), then per thread, on its own cache lines, a window of C + K - 1
-           squeezes and the (K - 1) / 2 after its share */
-        long head = (2 * C + 15) / 16 * 16;
-        long window = (C + plan->K + 15) / 16 * 16 + (plan->K / 2 + 16) / 16 * 16;
-        float *work = workspace(head + nthreads * window);
+           (BatchNorm), then eca_stride floats per thread */
+        long head = (2 * C + 15) / 16 * 16, stride = eca_stride(C, plan->K);
+        float *work = workspace(head + nthreads * stride);
         if (!work) return -1;
         tail_args a = {plan, x, identity, N, P, work, work + C, work + head, NULL, NULL,
-                       NULL, NULL, window, out};
+                       NULL, NULL, stride, out};
 #pragma omp parallel num_threads(nthreads)
         run(&a);
         free(work);
